@@ -1,0 +1,309 @@
+"""The public Python face: quantize(), evaluate(), save_quantized(), load().
+
+    from sliderquant import QuantConfig, quantize
+    result = quantize(model, tokenizer, QuantConfig.from_preset("w2a16"), calib="wikitext2:valid")
+    result.model   # transformers model with folded, plain weights
+    result.report  # config, schedule, per-window losses, timings, peak memory
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from sliderquant import __version__
+from sliderquant.atomic import write_text
+from sliderquant.checkpoint import CheckpointError, CheckpointStore
+from sliderquant.config import ConfigError, QuantConfig
+from sliderquant.data import (
+    calibration_text,
+    calibration_windows,
+    resolve_data_root,
+    tokenize_stream,
+)
+from sliderquant.engine import Engine, WindowRecord, make_schedule
+from sliderquant.eval.perplexity import eval_windows, perplexity_from_nlls, window_nlls
+from sliderquant.fold import fold_layers, install_activation_quantization
+from sliderquant.models.adapters import DecoderAdapter
+from sliderquant.models.loading import LoadedModel, load_model
+from sliderquant.quant.layer import PROJECTIONS, LayerQuantSpec, QuantDecoderLayer
+from sliderquant.rotation import rotate_model
+
+RUN_FILE = "sliderquant.json"
+CHECKPOINT_DIR = "checkpoint"
+RUN_FORMAT = 1
+
+
+class RunFolderError(RuntimeError):
+    """The output folder's state does not allow this run (finished run, partial run, …)."""
+
+
+@dataclass
+class QuantizeResult:
+    model: torch.nn.Module
+    report: dict = field(default_factory=dict)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux/macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / 2**20
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Content hash of a model's shape and a few weight sums (path-independent)."""
+    adapter = DecoderAdapter(model)
+    h = hashlib.sha256()
+    c = model.config
+    h.update(f"{c.model_type}/{adapter.num_layers}/{c.hidden_size}/{c.vocab_size}".encode())
+    tensors = [adapter.embed.weight] + [adapter.parts(i).linears["q"].weight
+                                        for i in range(adapter.num_layers)]
+    for t in tensors:
+        h.update(f"{t.double().sum().item():.10e}/{t.double().abs().sum().item():.10e}".encode())
+    return h.hexdigest()[:16]
+
+
+def calibration_ids(
+    tokenizer, config: QuantConfig, data_root: Path | None = None
+) -> torch.Tensor:
+    """The calibration windows a config asks for, [nsamples, seqlen] token ids."""
+    text = calibration_text(config.calib, data_root)
+    return calibration_windows(tokenize_stream(tokenizer, text), config.nsamples,
+                               config.seqlen, config.seed)
+
+
+def quantize(
+    model: torch.nn.Module,
+    tokenizer,
+    config: QuantConfig,
+    calib: str | torch.Tensor | None = None,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    output_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    on_unit_end: Callable[[WindowRecord], None] | None = None,
+) -> QuantizeResult:
+    """Quantize `model` in place with `config`; return the folded model and a report.
+
+    `calib` is a calibration source (`wikitext2:valid`, `c4`, a text file; default
+    `config.calib`) or a ready tensor of token ids [n, seqlen]. With `output_dir`, the
+    learnables are checkpointed after every window (`resume=True` continues a killed run)
+    and the folded model is saved there when done (see `save_quantized`). A folder that
+    holds a finished run is refused unless `overwrite=True`.
+    """
+    timings: dict[str, float] = {}
+    began = time.perf_counter()
+    if isinstance(calib, str):
+        config = QuantConfig.from_dict({**config.to_dict(), "calib": calib})
+    config.validate()
+    adapter = DecoderAdapter(model)
+    adapter.check_context(config.seqlen)
+    _check_group_size(adapter, config)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data_root = resolve_data_root(data_dir)
+    store = _prepare_output(Path(output_dir), resume, overwrite) if output_dir else None
+
+    t = time.perf_counter()
+    if isinstance(calib, torch.Tensor):
+        ids = calib.long()
+        if ids.dim() != 2 or ids.shape[1] != config.seqlen:
+            raise ConfigError(f"calibration ids must be [n, {config.seqlen}] (got "
+                              f"{list(ids.shape)})")
+        config = QuantConfig.from_dict({**config.to_dict(), "calib": "tensor",
+                                        "nsamples": ids.shape[0]})
+    else:
+        ids = calibration_ids(tokenizer, config, data_root)
+    timings["calibration_data_s"] = time.perf_counter() - t
+    fingerprint = hashlib.sha256(
+        (config.fingerprint() + model_fingerprint(model)).encode()
+        + ids.numpy().tobytes()).hexdigest()[:16]
+
+    rotation = None
+    if config.rotate:
+        t = time.perf_counter()
+        rotation = rotate_model(adapter, config.seed, config.center_embeddings)
+        timings["rotation_s"] = time.perf_counter() - t
+
+    spec = LayerQuantSpec(
+        wbits=config.wbits, abits=config.abits, group_size=config.group_size,
+        lora_rank=config.lora_rank if config.trains else 0,
+        lwc=config.lwc and config.trains, channel_scaling=config.channel_scaling,
+        qk_scaling=config.qk_scaling, down_scaling=config.down_scaling,
+        quantize_attention=config.quantize_attention,
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    layers = [QuantDecoderLayer(adapter.parts(i), spec, generator)
+              for i in range(adapter.num_layers)]
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    records: list[WindowRecord] = []
+    if config.trains:
+        t = time.perf_counter()
+        x0 = _embed(adapter, ids, device, config.inference_batch_size)
+        rope = adapter.rotary(x0[:1].to(device), config.seqlen)
+        timings["capture_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        engine = Engine(layers, rope, config, device, store, fingerprint, on_unit_end,
+                        show_progress)
+        records = engine.run(x0, resume=resume)
+        timings["train_s"] = time.perf_counter() - t
+        del x0
+
+    t = time.perf_counter()
+    fold_layers(adapter, layers)
+    install_activation_quantization(adapter, config.abits, config.quantize_attention)
+    timings["fold_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - began
+    schedule = make_schedule(config, adapter.num_layers) if config.trains else []
+    report = {
+        "format": RUN_FORMAT,
+        "sliderquant_version": __version__,
+        "config": config.to_dict(),
+        "effective_learning_rates": config.learning_rates,
+        "schedule": schedule,
+        "rotation": rotation,
+        "calibration": {"source": config.calib, "nsamples": int(ids.shape[0]),
+                        "seqlen": int(ids.shape[1]), "seed": config.seed,
+                        "tokens": int(ids.numel())},
+        "windows": [asdict(r) for r in records],
+        "timings": timings,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        report["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    result = QuantizeResult(model=model, report=report)
+    if output_dir:
+        save_quantized(result, tokenizer, output_dir)
+    return result
+
+
+def save_quantized(result: QuantizeResult, tokenizer, output_dir: str | os.PathLike) -> Path:
+    """Write the folded model as a Hugging Face folder plus `sliderquant.json` (written last:
+    its presence marks a finished run). Files are staged and moved in atomically."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".staging-") as staging:
+        result.model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        for item in Path(staging).iterdir():
+            os.replace(item, out / item.name)
+    write_text(out / RUN_FILE, json.dumps(result.report, indent=1))
+    return out
+
+
+def update_run_record(output_dir: str | os.PathLike, **entries) -> None:
+    """Add entries (e.g. evaluation results) to a finished run's `sliderquant.json`."""
+    path = Path(output_dir) / RUN_FILE
+    record = json.loads(path.read_text())
+    record.update(entries)
+    write_text(path, json.dumps(record, indent=1))
+
+
+def load(ref: str, data_dir: str | os.PathLike | None = None,
+         dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> LoadedModel:
+    """Load any model reference; a sliderquant run folder comes back with its activation
+    quantizers installed and its run record in `.run`."""
+    path = Path(ref).expanduser()
+    if (path / RUN_FILE).is_file():
+        return load_quantized(path, dtype)
+    return load_model(ref, resolve_data_root(data_dir), dtype, trust_remote_code)
+
+
+def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Reload a finished run folder for evaluation or generation."""
+    path = Path(path)
+    run = json.loads((path / RUN_FILE).read_text())
+    if run.get("format") != RUN_FORMAT:
+        raise RunFolderError(f"{path} was written by an incompatible sliderquant version")
+    loaded = load_model(str(path), None, dtype)
+    config = QuantConfig.from_dict(run["config"])
+    install_activation_quantization(DecoderAdapter(loaded.model), config.abits,
+                                    config.quantize_attention)
+    loaded.run, loaded.note = run, run.get("model_note")
+    return loaded
+
+
+def evaluate_perplexity(
+    model: torch.nn.Module,
+    tokenizer,
+    datasets: tuple[str, ...] = ("wikitext2", "c4"),
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    data_dir: str | os.PathLike | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """Perplexity per dataset: {name: {"ppl", "windows", "seqlen", "seconds"}}."""
+    data_root = resolve_data_root(data_dir)
+    adapter = DecoderAdapter(model)
+    adapter.check_context(seqlen)
+    results = {}
+    for name in datasets:
+        t = time.perf_counter()
+        windows = eval_windows(name, tokenizer, seqlen, max_windows, data_root)
+        nlls = window_nlls(model, windows, desc=name, show_progress=show_progress)
+        results[name] = {"ppl": perplexity_from_nlls(nlls), "windows": len(nlls),
+                         "seqlen": seqlen, "seconds": round(time.perf_counter() - t, 1)}
+    return results
+
+
+def _embed(adapter: DecoderAdapter, ids: torch.Tensor, device: torch.device,
+           chunk: int) -> torch.Tensor:
+    """Embedding output for every calibration window, float32 on the host."""
+    with torch.no_grad():
+        parts = [adapter.embed(ids[i:i + chunk].to(device)).float().cpu()
+                 for i in range(0, ids.shape[0], chunk)]
+    return torch.cat(parts)
+
+
+def _check_group_size(adapter: DecoderAdapter, config: QuantConfig) -> None:
+    if config.group_size is None:
+        return
+    widths = sorted({adapter.parts(0).linears[n].in_features for n in PROJECTIONS})
+    bad = [w for w in widths if w % config.group_size]
+    if bad:
+        raise ConfigError(f"group_size {config.group_size} does not divide the input width(s) "
+                          f"{bad} of this model (widths: {widths}); pick a divisor such as "
+                          f"{_largest_common_pow2(widths)}")
+
+
+def _largest_common_pow2(widths: list[int]) -> int:
+    g = 1
+    while all(w % (g * 2) == 0 for w in widths) and g < 256:
+        g *= 2
+    return g
+
+
+def _prepare_output(out: Path, resume: bool, overwrite: bool) -> CheckpointStore:
+    store = CheckpointStore(out / CHECKPOINT_DIR)
+    if overwrite:
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+        (out / RUN_FILE).unlink(missing_ok=True)
+        return store
+    if (out / RUN_FILE).is_file():
+        raise RunFolderError(f"{out} holds a finished run ({RUN_FILE} exists); choose another "
+                             "--out or pass --overwrite to replace it")
+    if resume and not store.exists():
+        raise CheckpointError(f"nothing to resume in {out} (no {store.path}); "
+                              "start without --resume")
+    if store.exists() and not resume:
+        raise RunFolderError(f"{out} holds an unfinished run; pass --resume to continue it or "
+                             "--overwrite to start over")
+    return store

@@ -1,0 +1,205 @@
+"""QuantConfig: every setting of a quantization run, with presets, validation and YAML I/O.
+
+This is the *what* of a run; the engine is the *how*. Validate once at the edge
+(`QuantConfig.validate`), then trust the values everywhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sliderquant.quant.quantizer import SUPPORTED_BITS
+
+METHODS = ("sliderquant", "fixed", "blockwise", "rtn")
+INTRA_MODES = ("global_passes", "per_window")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message says which and what to do."""
+
+
+@dataclass
+class QuantConfig:
+    """All hyper-parameters of a run. Defaults are the reference code's W4A16-style settings.
+
+    Learning rates are given per sample, as in the reference code: the optimiser uses
+    `lr * batch_size` when `lr_times_batch` is set (ALGORITHM.md §9.1).
+    """
+
+    method: str = "sliderquant"
+    wbits: int = 4
+    abits: int = 16
+    group_size: int | None = None
+    # learnables
+    lora_rank: int = 4
+    lwc: bool = True
+    channel_scaling: bool = False
+    qk_scaling: bool = True
+    down_scaling: bool = True
+    quantize_attention: bool = True
+    # model preparation (W4A4): fused norms + random Hadamard on the residual stream
+    rotate: bool = False
+    center_embeddings: bool = True
+    # schedule
+    shallow: int = 4
+    deep: int = 4
+    window_size: int = 2
+    stride: int = 1
+    schedule: str | None = None  # explicit inclusive ranges, e.g. "0-0,0-1,1-2"
+    intra_stages: int = 2
+    intra_mode: str = "global_passes"
+    # optimisation
+    epochs: int = 20
+    batch_size: int = 3
+    lora_lr: float = 1e-4
+    scale_lr: float = 1e-3
+    clip_lr: float = 1e-2
+    lr_times_batch: bool = True
+    # calibration
+    calib: str = "wikitext2:train"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 2
+    # runtime
+    inference_batch_size: int = 4
+    preset: str | None = field(default=None)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def preset_names(cls) -> tuple[str, ...]:
+        return tuple(PRESETS)
+
+    @classmethod
+    def from_preset(cls, name: str, fast: bool = False, **overrides: Any) -> QuantConfig:
+        """A preset (`w4a16 w3a16 w2a16 w4a4`), optionally `fast`, then `overrides` on top.
+
+        A `method` override also applies that method's defaults (baselines train one
+        intra-layer stage; `rtn` trains nothing) unless they are overridden too.
+        """
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        values: dict[str, Any] = dict(PRESETS[name])
+        if fast:
+            values.update(FAST)
+            values.update(FAST_BY_PRESET.get(name, {}))
+        method = overrides.get("method", "sliderquant")
+        values.update(METHOD_DEFAULTS.get(method, {}))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        values["preset"] = f"{name}-fast" if fast else name
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> QuantConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        config = cls(**values)
+        config.validate()
+        return config
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> QuantConfig:
+        try:
+            values = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from e
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must hold a mapping of config keys to values")
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def fingerprint(self) -> str:
+        """Hash of every setting that changes the result (used to validate --resume)."""
+        keys = {k: v for k, v in self.to_dict().items() if k not in ("inference_batch_size",)}
+        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+    # ---- derived values -----------------------------------------------------------------
+    @property
+    def trains(self) -> bool:
+        return self.method != "rtn"
+
+    @property
+    def learning_rates(self) -> dict[str, float]:
+        """Effective optimiser learning rates per group (after the batch-size factor)."""
+        factor = self.batch_size if self.lr_times_batch else 1
+        return {"lora": self.lora_lr * factor, "scale": self.scale_lr * factor,
+                "clip": self.clip_lr * factor}
+
+    @property
+    def stage_rates(self) -> list[float]:
+        """Quantized fractions of the intra-layer stages: [1/N, 2/N, ..., 1]."""
+        n = self.intra_stages
+        return [(i + 1) / n for i in range(n)]
+
+    @property
+    def epochs_per_stage(self) -> int:
+        return max(self.epochs // self.intra_stages, 1)
+
+    # ---- validation ---------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ConfigError on the first invalid setting, with what to do instead."""
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        for name in ("wbits", "abits"):
+            bits = getattr(self, name)
+            if bits not in SUPPORTED_BITS:
+                choices = ", ".join(map(str, SUPPORTED_BITS))
+                raise ConfigError(f"{name}={bits} is not supported; use one of {choices}")
+        if self.abits in (2, 3):
+            raise ConfigError(f"abits={self.abits}: activations support 4, 8 or 16 bits")
+        g = self.group_size
+        if g is not None and (g < 1 or g & (g - 1)):
+            raise ConfigError(f"group_size={self.group_size} must be a power of two (e.g. 64, 128)")
+        if self.intra_mode not in INTRA_MODES:
+            raise ConfigError(f"intra_mode must be one of {', '.join(INTRA_MODES)}")
+        positive = ("shallow", "deep", "window_size", "stride", "intra_stages", "epochs",
+                    "batch_size", "nsamples", "seqlen", "inference_batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.lora_rank < 0:
+            raise ConfigError("lora_rank must be >= 0 (0 turns LoRA off)")
+        if self.stride > self.window_size:
+            raise ConfigError(f"stride {self.stride} > window_size {self.window_size} would skip "
+                              "layers; use stride <= window_size")
+        if self.batch_size > self.nsamples:
+            raise ConfigError(f"batch_size {self.batch_size} > nsamples {self.nsamples}")
+        for name in ("lora_lr", "scale_lr", "clip_lr"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0")
+        if self.channel_scaling and self.abits >= 16:
+            raise ConfigError("channel_scaling needs activation quantization (abits < 16); "
+                              "weight-only runs use LoRA + clipping only (ALGORITHM.md §5.3)")
+
+
+# Paper / released-code settings (ALGORITHM.md §9.2). W4A16 and W3A16 have no released
+# config: they follow the weight-only recipe with the paper's LoRA LR (1e-4), 20 epochs.
+_WEIGHT_ONLY = {"abits": 16, "channel_scaling": False, "rotate": False, "scale_lr": 0.0}
+PRESETS: dict[str, dict[str, Any]] = {
+    "w4a16": {**_WEIGHT_ONLY, "wbits": 4, "epochs": 20, "lora_lr": 1e-4},
+    "w3a16": {**_WEIGHT_ONLY, "wbits": 3, "epochs": 20, "lora_lr": 1e-4},
+    "w2a16": {**_WEIGHT_ONLY, "wbits": 2, "epochs": 60, "lora_lr": 5e-4},
+    "w4a4": {"wbits": 4, "abits": 4, "channel_scaling": True, "rotate": True, "epochs": 20,
+             "lora_lr": 1e-4, "scale_lr": 1e-3},
+}
+# Sized for a 2-core CPU: short windows, few samples, few epochs (see docs/RESULTS.md).
+FAST: dict[str, Any] = {"nsamples": 16, "seqlen": 512, "epochs": 2, "batch_size": 2}
+FAST_BY_PRESET: dict[str, dict[str, Any]] = {"w2a16": {"epochs": 4}}
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "fixed": {"intra_stages": 1, "window_size": 2, "stride": 1},
+    "blockwise": {"intra_stages": 1, "window_size": 1, "stride": 1},
+    "rtn": {"intra_stages": 1, "lwc": False, "lora_rank": 0, "channel_scaling": False},
+}

@@ -1,0 +1,280 @@
+"""The window loop: capture, per-window targets, training, cache advancing, checkpoints.
+
+ALGORITHM.md §7–§8. The engine trains the learnables of `QuantDecoderLayer`s in place;
+it knows nothing of files other than the checkpoint store it is handed, nor of the CLI.
+
+A run is a list of *units*, one per (stage, window) in `global_passes` mode (the reference
+code: whole schedule at fraction 1/N, then again at 2/N, …) or one per window in
+`per_window` mode (the paper's wording: every fraction inside each window). The quantized
+cache `X_q` is advanced from the embedding output through finished layers only, so it can
+be rebuilt exactly when a run resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from sliderquant.checkpoint import CheckpointError, CheckpointStore
+from sliderquant.config import QuantConfig
+from sliderquant.quant.layer import QuantDecoderLayer
+from sliderquant.schedule import Window, build_schedule, check_coverage, fixed, parse_schedule
+
+MAX_RETRIES = 2  # a window whose loss turns non-finite is retried this often at half the LR
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite and the automatic recovery did not help."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    stage: int
+    window: int
+    layers: Window
+    train_rates: tuple[float, ...]
+    advance_rate: float
+
+
+@dataclass
+class WindowRecord:
+    stage: int
+    window: int
+    layers: list[int]
+    rates: list[float]
+    epoch_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    retries: int = 0
+
+
+def make_schedule(config: QuantConfig, num_layers: int) -> list[Window]:
+    """The window schedule a config asks for."""
+    if config.schedule:
+        return parse_schedule(config.schedule, num_layers)
+    if config.method == "sliderquant":
+        schedule = build_schedule(num_layers, config.shallow, config.deep,
+                                  config.window_size, config.stride)
+    else:
+        schedule = fixed(num_layers, config.window_size, config.stride)
+    check_coverage(schedule, num_layers)
+    return schedule
+
+
+def make_units(config: QuantConfig, schedule: list[Window]) -> list[Unit]:
+    rates = config.stage_rates
+    if config.intra_mode == "per_window":
+        return [Unit(0, r, w, tuple(rates), 1.0) for r, w in enumerate(schedule)]
+    return [Unit(s, r, w, (rate,), rate) for s, rate in enumerate(rates)
+            for r, w in enumerate(schedule)]
+
+
+def learnable_state(layers: list[QuantDecoderLayer]) -> dict[str, torch.Tensor]:
+    return {f"layers.{i}.{name}": p for i, layer in enumerate(layers)
+            for name, p in layer.named_parameters()}
+
+
+class Engine:
+    """Trains `layers` window by window on calibration hidden states."""
+
+    def __init__(
+        self,
+        layers: list[QuantDecoderLayer],
+        rope: tuple[torch.Tensor, torch.Tensor],
+        config: QuantConfig,
+        device: torch.device,
+        store: CheckpointStore | None = None,
+        fingerprint: str = "",
+        on_unit_end: Callable[[WindowRecord], None] | None = None,
+        show_progress: bool = True,
+    ):
+        self.layers = layers
+        self.cos, self.sin = (t.to(device) for t in rope)
+        self.config = config
+        self.device = device
+        self.store = store
+        self.fingerprint = fingerprint
+        self.on_unit_end = on_unit_end
+        self.show_progress = show_progress
+        self.schedule = make_schedule(config, len(layers))
+        self.units = make_units(config, self.schedule)
+        self.records: list[WindowRecord] = []
+
+    # ---- public ---------------------------------------------------------------------------
+    def run(self, x0: torch.Tensor, resume: bool = False) -> list[WindowRecord]:
+        """Train every unit not yet done; `x0` is the embedding output [n, T, d] on the host."""
+        done = self._restore() if resume else -1
+        n = x0.shape[0]
+        per_epoch = math.ceil(n / self.config.batch_size)
+        steps_per_unit = [len(u.train_rates) * self.config.epochs_per_stage * per_epoch
+                          for u in self.units]
+        bar = tqdm(total=sum(steps_per_unit), initial=sum(steps_per_unit[:done + 1]),
+                   unit="step", desc="sliderquant", disable=not self.show_progress,
+                   dynamic_ncols=True)
+        xq, xq_pos, xq_stage = x0, 0, None
+        fp_cache: dict[int, torch.Tensor] = {0: x0}
+        for index, unit in enumerate(self.units):
+            if index <= done:
+                continue
+            start = unit.layers[0]
+            if xq_stage != unit.stage:
+                xq, xq_pos, xq_stage = x0, 0, unit.stage
+                fp_cache = {0: x0}
+            xq = self._forward(range(xq_pos, start), xq, True, unit.advance_rate)
+            xq_pos = start
+            target = self._fp_state(fp_cache, unit.layers[-1] + 1)
+            for j in [j for j in fp_cache if 0 < j < start]:
+                del fp_cache[j]
+            bar.set_description(f"stage {unit.stage + 1} window {unit.window + 1}/"
+                                f"{len(self.schedule)} layers {start}-{unit.layers[-1]}")
+            record = self._train_unit(unit, index, xq, target, bar)
+            self.records.append(record)
+            self._save(index)
+            if self.on_unit_end is not None:
+                self.on_unit_end(record)
+        bar.close()
+        return self.records
+
+    # ---- internals ------------------------------------------------------------------------
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def _forward(self, layer_ids, x: torch.Tensor, quantized: bool, rate: float) -> torch.Tensor:
+        """Run `x` (host) through the given layers in inference chunks; result on the host."""
+        layer_ids = list(layer_ids)
+        if not layer_ids:
+            return x
+        out = torch.empty_like(x)
+        size = self.config.inference_batch_size
+        with self._autocast():
+            for lo in range(0, x.shape[0], size):
+                h = x[lo:lo + size].to(self.device)
+                for i in layer_ids:
+                    h = self.layers[i](h, self.cos, self.sin, quantized, rate)
+                out[lo:lo + size] = h.to(out.dtype).to(out.device)
+        return out
+
+    def _fp_state(self, cache: dict[int, torch.Tensor], position: int) -> torch.Tensor:
+        """FP hidden state entering layer `position`, computed once per stage and cached."""
+        if position not in cache:
+            base = max(j for j in cache if j < position)
+            cache[position] = self._forward(range(base, position), cache[base], False, 1.0)
+        return cache[position]
+
+    def _train_unit(self, unit: Unit, index: int, xq, target, bar) -> WindowRecord:
+        layers = [self.layers[i] for i in unit.layers]
+        snapshot = {k: v.detach().clone() for k, v in learnable_state(layers).items()}
+        bar_start, lr_factor, retry = bar.n, 1.0, 0
+        while True:
+            record = WindowRecord(unit.stage, unit.window, unit.layers, list(unit.train_rates),
+                                  retries=retry)
+            began = time.perf_counter()
+            try:
+                for k, rate in enumerate(unit.train_rates):
+                    generator = torch.Generator().manual_seed(
+                        self.config.seed * 1_000_003 + index * 17 + k)
+                    record.epoch_losses += self._optimise(layers, xq, target, rate,
+                                                          generator, lr_factor, bar)
+                record.seconds = time.perf_counter() - began
+                return record
+            except NonFiniteLossError:
+                if retry == MAX_RETRIES:
+                    raise NonFiniteLossError(
+                        f"the loss stayed NaN/inf in window {unit.window} (layers "
+                        f"{unit.layers}, stage {unit.stage + 1}) after {MAX_RETRIES} retries at "
+                        "half the learning rate each. Finished windows are checkpointed; lower "
+                        "--lora-lr/--clip-lr/--scale-lr and start again with --overwrite."
+                    ) from None
+            with torch.no_grad():
+                for name, value in learnable_state(layers).items():
+                    value.copy_(snapshot[name])
+            lr_factor *= 0.5
+            retry += 1
+            bar.n = bar_start
+            bar.refresh()
+            tqdm.write(f"non-finite loss in window {unit.window}: restored its learnables, "
+                       f"retrying at {lr_factor:g}x the learning rate")
+
+    def _optimise(self, layers, xq, target, rate, generator, lr_factor, bar) -> list[float]:
+        cfg = self.config
+        groups = {name: [] for name in ("lora", "scale", "clip")}
+        for layer in layers:
+            layer.to(self.device)
+            for name, params in layer.learnable_groups().items():
+                groups[name] += params
+        lrs = cfg.learning_rates
+        param_groups = [{"params": p, "lr": lrs[name] * lr_factor}
+                        for name, p in groups.items() if p and lrs[name] > 0]
+        n = xq.shape[0]
+        epochs = cfg.epochs_per_stage
+        total = epochs * math.ceil(n / cfg.batch_size)
+        if not param_groups:
+            bar.update(total)
+            return []
+        optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: max(0.0, 1.0 - step / total))
+        losses = []
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator)
+            epoch_loss = 0.0
+            for lo in range(0, n, cfg.batch_size):
+                idx = order[lo:lo + cfg.batch_size]
+                x = xq[idx].to(self.device)
+                y = target[idx].to(self.device)
+                with self._autocast():
+                    h = x
+                    for layer in layers:
+                        h = layer(h, self.cos, self.sin, True, rate)
+                    loss = F.mse_loss(h.float(), y.float())
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                epoch_loss += loss.item() * len(idx)
+                bar.update(1)
+            losses.append(epoch_loss / n)
+            bar.set_postfix(loss=f"{losses[-1]:.3g}")
+        return losses
+
+    def _save(self, index: int) -> None:
+        if self.store is None:
+            return
+        progress = {"done_unit": index, "num_units": len(self.units),
+                    "fingerprint": self.fingerprint,
+                    "records": [asdict(r) for r in self.records]}
+        self.store.save(learnable_state(self.layers), progress)
+
+    def _restore(self) -> int:
+        """Load the checkpoint into the layers; return the index of the last finished unit."""
+        if self.store is None:
+            raise CheckpointError("resume needs a checkpoint store")
+        tensors, progress = self.store.load()
+        if progress.get("fingerprint") != self.fingerprint:
+            raise CheckpointError(
+                f"checkpoint {self.store.path} was written by a different model or config "
+                "(fingerprint mismatch); rerun with the original settings, or start over "
+                "with --overwrite")
+        if progress.get("num_units") != len(self.units):
+            raise CheckpointError(f"checkpoint {self.store.path} has a different schedule")
+        state = learnable_state(self.layers)
+        if set(tensors) != set(state) or any(tensors[k].shape != v.shape
+                                              for k, v in state.items()):
+            raise CheckpointError(f"checkpoint {self.store.path} does not match this model's "
+                                  "learnables; start over with --overwrite")
+        with torch.no_grad():
+            for name, value in state.items():
+                value.copy_(tensors[name])
+        self.records = [WindowRecord(**r) for r in progress["records"]]
+        return int(progress["done_unit"])

@@ -1,0 +1,1 @@
+"""Quantization primitives: quantizer, QuantLinear, channel scaling, decoder layer."""
