@@ -26,16 +26,22 @@ from sliderquant.atomic import write_text
 from sliderquant.checkpoint import CheckpointError, CheckpointStore
 from sliderquant.config import ConfigError, QuantConfig
 from sliderquant.data import (
+    DataError,
     calibration_text,
     calibration_windows,
     resolve_data_root,
     tokenize_stream,
 )
-from sliderquant.engine import Engine, WindowRecord, make_schedule
+from sliderquant.engine import Engine, NonFiniteLossError, WindowRecord, make_schedule
 from sliderquant.eval.perplexity import eval_windows, perplexity_from_nlls, window_nlls
 from sliderquant.fold import fold_layers, install_activation_quantization
-from sliderquant.models.adapters import DecoderAdapter
-from sliderquant.models.loading import LoadedModel, load_model
+from sliderquant.models.adapters import (
+    ContextLengthError,
+    DecoderAdapter,
+    UnsupportedModelError,
+)
+from sliderquant.models.embedded import cache_dir
+from sliderquant.models.loading import LoadedModel, ModelLoadError, load_model
 from sliderquant.quant.layer import PROJECTIONS, LayerQuantSpec, QuantDecoderLayer
 from sliderquant.rotation import rotate_model
 
@@ -46,6 +52,11 @@ RUN_FORMAT = 1
 
 class RunFolderError(RuntimeError):
     """The output folder's state does not allow this run (finished run, partial run, …)."""
+
+
+# Errors caused by the user's input or environment: the CLI prints them without a traceback.
+USER_ERRORS = (ConfigError, DataError, CheckpointError, RunFolderError, ModelLoadError,
+               UnsupportedModelError, ContextLengthError, NonFiniteLossError)
 
 
 @dataclass
@@ -110,10 +121,7 @@ def quantize(
     began = time.perf_counter()
     if isinstance(calib, str):
         config = QuantConfig.from_dict({**config.to_dict(), "calib": calib})
-    config.validate()
-    adapter = DecoderAdapter(model)
-    adapter.check_context(config.seqlen)
-    _check_group_size(adapter, config)
+    adapter = preflight(model, config)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data_root = resolve_data_root(data_dir)
     store = _prepare_output(Path(output_dir), resume, overwrite) if output_dir else None
@@ -202,7 +210,8 @@ def save_quantized(result: QuantizeResult, tokenizer, output_dir: str | os.PathL
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".staging-") as staging:
         result.model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
         for item in Path(staging).iterdir():
             os.replace(item, out / item.name)
     write_text(out / RUN_FILE, json.dumps(result.report, indent=1))
@@ -264,6 +273,29 @@ def evaluate_perplexity(
     return results
 
 
+def fp_reference(
+    model: torch.nn.Module,
+    tokenizer,
+    datasets: tuple[str, ...],
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    data_dir: str | os.PathLike | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """`evaluate_perplexity` of an unquantized model, cached on disk by model content and
+    protocol (the FP numbers never change, and on a CPU they cost minutes)."""
+    root = resolve_data_root(data_dir)
+    key = f"{model_fingerprint(model)}-{seqlen}-{max_windows or 'all'}-{root or 'hub'}"
+    path = cache_dir() / "fp_eval" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    missing = tuple(d for d in datasets if d not in cached)
+    if missing:
+        cached.update(evaluate_perplexity(model, tokenizer, missing, seqlen, max_windows,
+                                          data_dir, show_progress))
+        write_text(path, json.dumps(cached, indent=1))
+    return {d: cached[d] for d in datasets}
+
+
 def _embed(adapter: DecoderAdapter, ids: torch.Tensor, device: torch.device,
            chunk: int) -> torch.Tensor:
     """Embedding output for every calibration window, float32 on the host."""
@@ -271,6 +303,15 @@ def _embed(adapter: DecoderAdapter, ids: torch.Tensor, device: torch.device,
         parts = [adapter.embed(ids[i:i + chunk].to(device)).float().cpu()
                  for i in range(0, ids.shape[0], chunk)]
     return torch.cat(parts)
+
+
+def preflight(model: torch.nn.Module, config: QuantConfig) -> DecoderAdapter:
+    """Check that `config` fits `model` before any expensive work; return its adapter."""
+    config.validate()
+    adapter = DecoderAdapter(model)
+    adapter.check_context(config.seqlen)
+    _check_group_size(adapter, config)
+    return adapter
 
 
 def _check_group_size(adapter: DecoderAdapter, config: QuantConfig) -> None:

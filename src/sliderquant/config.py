@@ -106,14 +106,23 @@ class QuantConfig:
         return config
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> QuantConfig:
+    def read_yaml(cls, path: str | Path) -> dict[str, Any]:
+        """The key/value mapping of a YAML config file (keys checked, values not yet)."""
         try:
             values = yaml.safe_load(Path(path).read_text())
         except (OSError, yaml.YAMLError) as e:
             raise ConfigError(f"cannot read config {path}: {e}") from e
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys to values")
-        return cls.from_dict(values)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown config keys {unknown}; known: {sorted(known)}")
+        return values
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> QuantConfig:
+        return cls.from_dict(cls.read_yaml(path))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -17,6 +17,10 @@ class UnsupportedModelError(ValueError):
     """The model's architecture has no adapter."""
 
 
+class ContextLengthError(ValueError):
+    """A sequence length the model cannot attend over."""
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -118,13 +122,13 @@ class DecoderAdapter:
     def check_context(self, seqlen: int) -> None:
         """Raise if `seqlen` exceeds what the model can attend to."""
         if seqlen > self.max_positions:
-            raise ValueError(
+            raise ContextLengthError(
                 f"seqlen {seqlen} is longer than the model's context "
                 f"({self.max_positions} positions); use --seqlen {self.max_positions} or less"
             )
         window = getattr(self.config, "sliding_window", None)
         if window and getattr(self.config, "use_sliding_window", True) and seqlen > window:
-            raise ValueError(
+            raise ContextLengthError(
                 f"seqlen {seqlen} exceeds the model's sliding attention window ({window}); "
                 f"sliderquant uses full causal attention, so use --seqlen {window} or less"
             )

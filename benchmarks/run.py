@@ -1,0 +1,161 @@
+"""Benchmark suites: each cell is one `sliderquant quantize` run in its own process.
+
+    python benchmarks/run.py main --data-dir ../shared/data        # methods x bits table
+    python benchmarks/run.py fast-lr --data-dir ../shared/data     # tuning of the --fast LRs
+
+Results accumulate in docs/results/<suite>.json (a finished cell is not rerun unless
+--rerun), and docs/results/<suite>.md holds the table. A cell's wall time and peak RSS are
+those of its own process (quantization only; evaluation is timed separately).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "docs" / "results"
+MODEL = "smollm2-135m"
+EVAL = ["--tasks", "wikitext2,c4", "--eval-seqlen", "2048", "--eval-windows", "8"]
+# Shared CPU budget of the learned methods: the --fast preset values, one calibration set.
+BUDGET = ["--fast", "--calib", "wikitext2:valid"]
+
+
+@dataclass
+class Cell:
+    key: str
+    label: dict  # columns shown in the table
+    args: list[str] = field(default_factory=list)
+
+
+def main_suite() -> list[Cell]:
+    settings = [("W4A16", ["--preset", "w4a16"]), ("W3A16", ["--preset", "w3a16"]),
+                ("W2A16", ["--preset", "w2a16"]), ("W4A4", ["--preset", "w4a4"]),
+                ("W4A4 no rotation", ["--preset", "w4a4", "--no-rotate"])]
+    cells = []
+    for name, args in settings:
+        for method in ("rtn", "blockwise", "fixed", "sliderquant"):
+            cells.append(Cell(f"{name}/{method}", {"setting": name, "method": method},
+                              [*args, *BUDGET, "--method", method]))
+    return cells
+
+
+def fast_lr_suite() -> list[Cell]:
+    cells = []
+    for preset in ("w4a16", "w2a16"):
+        for factor in (1, 5, 20):
+            base = {"w4a16": (1e-4, 1e-2), "w2a16": (5e-4, 1e-2)}[preset]
+            lora, clip = base[0] * factor, base[1] * factor
+            cells.append(Cell(f"{preset}/x{factor}", {"preset": preset, "lr factor": factor,
+                                                      "lora_lr": lora, "clip_lr": clip},
+                              ["--preset", preset, *BUDGET, "--lora-lr", str(lora),
+                               "--clip-lr", str(clip)]))
+    return cells
+
+
+SUITES = {"main": main_suite, "fast-lr": fast_lr_suite}
+
+
+def run_cell(cell: Cell, data_dir: str) -> dict:
+    out = Path(tempfile.mkdtemp(prefix="sq-bench-"))
+    cmd = [sys.executable, "-m", "sliderquant", "quantize", MODEL, "--data-dir", data_dir, "--out", str(out / "run"),
+           "--quiet", *EVAL, *cell.args]
+    began = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - began
+    try:
+        if done.returncode != 0:
+            return {"error": done.stderr.strip()[-2000:], "command": " ".join(cmd)}
+        record = json.loads((out / "run" / "sliderquant.json").read_text())
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return {
+        "command": " ".join(["sliderquant", *cmd[3:]]).replace(str(out / "run"), "OUT"),
+        "ppl": {k: v["ppl"] for k, v in record["eval"].items()},
+        "fp_ppl": {k: v["ppl"] for k, v in record.get("eval_fp", {}).items()},
+        "eval_windows": {k: v["windows"] for k, v in record["eval"].items()},
+        "quantize_s": round(record["timings"]["total_s"], 1),
+        "process_s": round(wall, 1),
+        "peak_rss_mb": record["peak_rss_mb"],
+        "config": record["config"],
+        "final_window_losses": [w["epoch_losses"][-1] for w in record["windows"]
+                                if w["epoch_losses"]][-3:],
+    }
+
+
+def machine() -> str:
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, Python "
+            f"{platform.python_version()}, torch {_version('torch')}, transformers "
+            f"{_version('transformers')}")
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
+
+
+def write_markdown(suite: str, cells: list[Cell], results: dict) -> Path:
+    rows = [c for c in cells if c.key in results and "ppl" in results[c.key]]
+    path = RESULTS / f"{suite}.md"
+    if not rows:
+        return path
+    label_cols = list(cells[0].label)
+    lines = [f"| {' | '.join(label_cols)} | WikiText-2 | C4 | quantize s | peak RSS MiB |",
+             "|" + "---|" * (len(label_cols) + 4)]
+    fp = next(iter(results[r.key]["fp_ppl"] for r in rows if results[r.key]["fp_ppl"]), None)
+    if fp:
+        lines.append(f"| {' | '.join(['FP'] + [''] * (len(label_cols) - 1))} | "
+                     f"{fp['wikitext2']:.2f} | {fp['c4']:.2f} | - | - |")
+    for c in rows:
+        r = results[c.key]
+        lines.append(f"| {' | '.join(str(c.label[k]) for k in label_cols)} | "
+                     f"{r['ppl']['wikitext2']:.2f} | {r['ppl']['c4']:.2f} | "
+                     f"{r['quantize_s']:.0f} | {r['peak_rss_mb']:.0f} |")
+    meta = results.get("_meta", {})
+    lines += ["", f"Machine: {meta.get('machine')}. Date: {meta.get('date')}.",
+              f"Command: `python benchmarks/run.py {suite} --data-dir DATA` "
+              f"(each cell: `{rows[0] and results[rows[0].key]['command']}` with its own "
+              "flags)."]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("suite", choices=list(SUITES))
+    parser.add_argument("--data-dir", required=True, help="data root (wikitext2/, c4/)")
+    parser.add_argument("--only", help="run only cells whose key contains this text")
+    parser.add_argument("--rerun", action="store_true", help="rerun finished cells")
+    args = parser.parse_args()
+    cells = SUITES[args.suite]()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{args.suite}.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results["_meta"] = {"machine": machine(), "date": date.today().isoformat(),
+                        "model": MODEL, "eval": " ".join(EVAL), "budget": " ".join(BUDGET)}
+    for cell in cells:
+        if args.only and args.only not in cell.key:
+            continue
+        if cell.key in results and "ppl" in results[cell.key] and not args.rerun:
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] {cell.key} ...", flush=True)
+        results[cell.key] = run_cell(cell, args.data_dir)
+        print(f"    {results[cell.key].get('ppl') or results[cell.key].get('error')}", flush=True)
+        path.write_text(json.dumps(results, indent=1))
+        write_markdown(args.suite, cells, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

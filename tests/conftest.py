@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random models (fast unit tests) and the real data root."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _find_data_root() -> Path | None:
+    for candidate in (os.environ.get("SLIDERQUANT_DATA"), REPO.parent / "shared" / "data"):
+        if candidate and (Path(candidate) / "wikitext2" / "test.txt").is_file():
+            return Path(candidate)
+    return None
+
+
+DATA_ROOT = _find_data_root()
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    if DATA_ROOT is None:
+        pytest.skip("real data root not found: set SLIDERQUANT_DATA to the shared data folder")
+    return DATA_ROOT
+
+
+def tiny_model(family: str = "llama", layers: int = 3, seed: int = 0, tied: bool = False):
+    """A random decoder of the given family: hidden 64, 4 heads / 2 kv heads, vocab 96."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=tied, rms_norm_eps=1e-6)
+    if family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=False))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    with torch.no_grad():  # non-trivial norm gains and biases, so folding bugs show up
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    return model.float().eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture
+def tiny_qwen2():
+    return tiny_model("qwen2")

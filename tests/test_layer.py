@@ -1,0 +1,114 @@
+"""The quantized decoder layer: FP equivalence, scale folding, fold == student."""
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from sliderquant.fold import fold_layers, install_activation_quantization
+from sliderquant.models.adapters import DecoderAdapter
+from sliderquant.quant.layer import LayerQuantSpec, QuantDecoderLayer
+
+
+def stack_logits(adapter, layers, ids, quantized, rate=1.0):
+    with torch.no_grad():
+        h = adapter.embed(ids)
+        cos, sin = adapter.rotary(h, ids.shape[1])
+        for layer in layers:
+            h = layer(h, cos, sin, quantized, rate)
+        return adapter.lm_head(adapter.final_norm(h))
+
+
+def wrap(model, spec, seed=0):
+    adapter = DecoderAdapter(model)
+    g = torch.Generator().manual_seed(seed)
+    layers = [QuantDecoderLayer(adapter.parts(i), spec, g) for i in range(adapter.num_layers)]
+    return adapter, layers
+
+
+def randomise_learnables(layers, seed=0, qk_pairs_equal=False):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers:
+            for name, p in layer.named_parameters():
+                if "scales" in name:
+                    p.copy_(torch.empty_like(p).uniform_(0.5, 2.0, generator=g))
+                    if qk_pairs_equal and name.endswith("qkt"):
+                        blocks = p.view(-1, layer.head_dim)
+                        half = layer.head_dim // 2
+                        blocks[:, half:] = blocks[:, :half]
+                elif "clip" in name:
+                    p.copy_(torch.empty_like(p).uniform_(0.5, 5.0, generator=g))
+                else:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fp_wrapper_equals_transformers_logits(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, 96, (2, 24))
+    reference = model(ids).logits
+    adapter, layers = wrap(model, LayerQuantSpec(wbits=4, abits=4, channel_scaling=True))
+    assert torch.allclose(stack_logits(adapter, layers, ids, False), reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_student_at_sixteen_bits_at_init_equals_fp(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, 96, (2, 24))
+    spec = LayerQuantSpec(wbits=16, abits=16, channel_scaling=True)
+    adapter, layers = wrap(model, spec)
+    fp = stack_logits(adapter, layers, ids, False)
+    assert torch.allclose(stack_logits(adapter, layers, ids, True), fp, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_channel_scaling_is_an_equivalent_transformation(family):
+    """With 16 bits and random scales (q/k pairs equal for RoPE), output == FP output."""
+    model = tiny_model(family)
+    ids = torch.randint(0, 96, (2, 24))
+    spec = LayerQuantSpec(wbits=16, abits=16, lora_rank=0, lwc=False, channel_scaling=True)
+    adapter, layers = wrap(model, spec)
+    randomise_learnables(layers, qk_pairs_equal=True)
+    fp = stack_logits(adapter, layers, ids, False)
+    scaled = stack_logits(adapter, layers, ids, True)
+    assert torch.allclose(scaled, fp, atol=1e-4)
+    assert not torch.equal(layers[0].student_weights()["q.weight"], layers[0].proj["q"].weight)
+
+
+CASES = [
+    ("llama", LayerQuantSpec(wbits=4, abits=4, channel_scaling=True)),
+    ("qwen2", LayerQuantSpec(wbits=4, abits=4, channel_scaling=True)),
+    ("llama", LayerQuantSpec(wbits=2, abits=16)),
+    ("llama", LayerQuantSpec(wbits=3, abits=16, group_size=16)),
+    ("qwen2", LayerQuantSpec(wbits=4, abits=8, channel_scaling=True, group_size=32)),
+]
+
+
+@pytest.mark.parametrize(("family", "spec"), CASES)
+def test_folded_model_equals_unfolded_student(family, spec):
+    """Folding scales + LoRA + clipping into plain weights changes nothing at full rate."""
+    model = tiny_model(family)
+    ids = torch.randint(0, 96, (2, 24))
+    adapter, layers = wrap(model, spec)
+    randomise_learnables(layers)
+    student = stack_logits(adapter, layers, ids, True)
+    fold_layers(adapter, layers)
+    install_activation_quantization(adapter, spec.abits, spec.quantize_attention)
+    with torch.no_grad():
+        deployed = model(ids).logits
+    assert torch.allclose(deployed, student, atol=1e-4, rtol=1e-4), \
+        (deployed - student).abs().max()
+    # the deployed weights sit on the quantization grid
+    w = adapter.parts(0).linears["down"].weight
+    rows = w.view(w.shape[0], -1, spec.group_size or w.shape[1])
+    assert max(r.unique().numel() for r in rows.reshape(-1, rows.shape[-1])) <= 2**spec.wbits
+
+
+def test_partial_rate_student_differs_from_full():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 96, (1, 16))
+    adapter, layers = wrap(model, LayerQuantSpec(wbits=2, abits=16))
+    fp = stack_logits(adapter, layers, ids, False)
+    half = stack_logits(adapter, layers, ids, True, rate=0.5)
+    full = stack_logits(adapter, layers, ids, True, rate=1.0)
+    assert (half - fp).abs().mean() < (full - fp).abs().mean()
