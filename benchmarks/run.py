@@ -68,8 +68,8 @@ SUITES = {"main": main_suite, "fast-lr": fast_lr_suite}
 
 def run_cell(cell: Cell, data_dir: str) -> dict:
     out = Path(tempfile.mkdtemp(prefix="sq-bench-"))
-    cmd = [sys.executable, "-m", "sliderquant", "quantize", MODEL, "--data-dir", data_dir, "--out", str(out / "run"),
-           "--quiet", *EVAL, *cell.args]
+    cmd = [sys.executable, "-m", "sliderquant", "quantize", MODEL, "--data-dir", data_dir,
+           "--out", str(out / "run"), "--quiet", *EVAL, *cell.args]
     began = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - began

@@ -92,16 +92,22 @@ def test_folded_model_equals_unfolded_student(family, spec):
     adapter, layers = wrap(model, spec)
     randomise_learnables(layers)
     student = stack_logits(adapter, layers, ids, True)
-    fold_layers(adapter, layers)
+    grids = fold_layers(adapter, layers)
     install_activation_quantization(adapter, spec.abits, spec.quantize_attention)
     with torch.no_grad():
         deployed = model(ids).logits
     assert torch.allclose(deployed, student, atol=1e-4, rtol=1e-4), \
         (deployed - student).abs().max()
-    # the deployed weights sit on the quantization grid
-    w = adapter.parts(0).linears["down"].weight
-    rows = w.view(w.shape[0], -1, spec.group_size or w.shape[1])
-    assert max(r.unique().numel() for r in rows.reshape(-1, rows.shape[-1])) <= 2**spec.wbits
+    # every deployed weight sits exactly on its recorded integer grid
+    assert len(grids) == 2 * 7 * adapter.num_layers
+    for i in range(adapter.num_layers):
+        for name, lin in adapter.parts(i).linears.items():
+            path = adapter.linear_path(i, name)
+            step, zero = grids[f"{path}.step"], grids[f"{path}.zero"]
+            w = lin.weight.view(lin.weight.shape[0], step.shape[1], -1)
+            codes = torch.round(w / step[..., None]) + zero[..., None]
+            assert codes.min() >= 0 and codes.max() <= 2**spec.wbits - 1
+            assert torch.equal((codes - zero[..., None]) * step[..., None], w)
 
 
 def test_partial_rate_student_differs_from_full():

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from sliderquant import __version__
 from sliderquant.atomic import write_text
@@ -46,6 +47,7 @@ from sliderquant.quant.layer import PROJECTIONS, LayerQuantSpec, QuantDecoderLay
 from sliderquant.rotation import rotate_model
 
 RUN_FILE = "sliderquant.json"
+GRID_FILE = "quantization.safetensors"  # per-projection step and zero of the weight grid
 CHECKPOINT_DIR = "checkpoint"
 RUN_FORMAT = 1
 
@@ -63,6 +65,7 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, RunFolderError, ModelLoa
 class QuantizeResult:
     model: torch.nn.Module
     report: dict = field(default_factory=dict)
+    grids: dict[str, torch.Tensor] = field(default_factory=dict)  # see fold.fold_layers
 
 
 def peak_rss_mb() -> float:
@@ -174,7 +177,7 @@ def quantize(
         del x0
 
     t = time.perf_counter()
-    fold_layers(adapter, layers)
+    grids = fold_layers(adapter, layers)
     install_activation_quantization(adapter, config.abits, config.quantize_attention)
     timings["fold_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - began
@@ -197,7 +200,7 @@ def quantize(
     }
     if device.type == "cuda":
         report["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    result = QuantizeResult(model=model, report=report)
+    result = QuantizeResult(model=model, report=report, grids=grids)
     if output_dir:
         save_quantized(result, tokenizer, output_dir)
     return result
@@ -212,6 +215,9 @@ def save_quantized(result: QuantizeResult, tokenizer, output_dir: str | os.PathL
         result.model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        if result.grids:
+            save_file({k: v.contiguous() for k, v in result.grids.items()},
+                      str(Path(staging) / GRID_FILE))
         for item in Path(staging).iterdir():
             os.replace(item, out / item.name)
     write_text(out / RUN_FILE, json.dumps(result.report, indent=1))
@@ -248,6 +254,13 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32) 
                                     config.quantize_attention)
     loaded.run, loaded.note = run, run.get("model_note")
     return loaded
+
+
+def load_grids(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The weight grids of a run folder (`<module>.step`, `<module>.zero`); empty when the
+    run quantized no weights."""
+    file = Path(path) / GRID_FILE
+    return load_file(str(file)) if file.is_file() else {}
 
 
 def evaluate_perplexity(

@@ -15,10 +15,21 @@ from sliderquant.quant.runtime import ActQuantLinear, register_attention
 
 
 @torch.no_grad()
-def fold_layers(adapter: DecoderAdapter, layers: list[QuantDecoderLayer]) -> None:
-    """Write every layer's folded weights into the model (in place)."""
+def fold_layers(
+    adapter: DecoderAdapter, layers: list[QuantDecoderLayer]
+) -> dict[str, torch.Tensor]:
+    """Write every layer's folded weights into the model (in place).
+
+    Returns the quantization grid of every quantized projection as flat tensors keyed
+    `<module path>.step` and `<module path>.zero` (what exporters need to recover the
+    integer codes exactly: codes = round(W / step) + zero).
+    """
+    grids: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(layers):
-        folded = layer.folded_weights()  # computed in full before any base tensor is written
+        folded, layer_grids = layer.folded_weights()  # all computed before anything is written
+        for name, grid in layer_grids.items():
+            path = adapter.linear_path(i, name)
+            grids[f"{path}.step"], grids[f"{path}.zero"] = grid.step, grid.zero
         parts = adapter.parts(i)
         parts.input_norm.weight.copy_(folded["input_norm"])
         parts.post_norm.weight.copy_(folded["post_norm"])
@@ -27,6 +38,7 @@ def fold_layers(adapter: DecoderAdapter, layers: list[QuantDecoderLayer]) -> Non
             lin.weight.copy_(folded[f"{name}.weight"])
             if lin.bias is not None:
                 lin.bias.copy_(folded[f"{name}.bias"])
+    return grids
 
 
 def install_activation_quantization(

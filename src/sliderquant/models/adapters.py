@@ -114,6 +114,11 @@ class DecoderAdapter:
             eps=self.eps,
         )
 
+    def linear_path(self, index: int, name: str) -> str:
+        """Module path of projection `name` of layer `index` inside the model."""
+        layers_path = next(p for p, m in self.model.named_modules() if m is self.layers)
+        return f"{layers_path}.{index}.{_PROJ_PATHS[name]}"
+
     def set_linear(self, index: int, name: str, module: nn.Module) -> None:
         """Replace projection `name` (one of q k v o gate up down) of layer `index`."""
         parent, _, attr = _PROJ_PATHS[name].rpartition(".")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sliderquant.quant.linear import QuantLinear
-from sliderquant.quant.quantizer import fake_quantize
+from sliderquant.quant.quantizer import QuantGrid, fake_quantize
 from sliderquant.quant.smoothing import ChannelScales, LayerWeights
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -140,12 +140,22 @@ class QuantDecoderLayer(nn.Module):
         return groups
 
     @torch.no_grad()
-    def folded_weights(self) -> LayerWeights:
-        """Final deployable weights: scaling folded, LoRA merged, weights fake-quantized once."""
+    def folded_weights(self) -> tuple[LayerWeights, dict[str, QuantGrid]]:
+        """Final deployable weights (scaling folded, LoRA merged, weights on the integer grid)
+        and, per quantized projection, the grid they sit on."""
         w = self.student_weights()
+        grids: dict[str, QuantGrid] = {}
         for name, lin in self.proj.items():
-            w[f"{name}.weight"] = lin.quantized_weight(w[f"{name}.weight"], rate=1.0)
-        return w
+            merged = lin.merged_weight(w[f"{name}.weight"])
+            if lin.weight_quantizer.bits >= 16:
+                w[f"{name}.weight"] = merged
+                continue
+            grid = QuantGrid(*lin.weight_quantizer.integers(merged),
+                             bits=lin.weight_quantizer.bits,
+                             group_size=lin.weight_quantizer.group_size)
+            w[f"{name}.weight"] = grid.dequantize()
+            grids[name] = grid
+        return w, grids
 
     def forward(
         self,

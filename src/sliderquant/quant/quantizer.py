@@ -8,6 +8,7 @@ quantization of the first `ceil(rate * D)` entries with statistics from the whol
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -99,7 +100,8 @@ class WeightQuantizer(nn.Module):
         )
 
     def integers(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(codes, step, zero) of the full quantization of `weight`: codes in [0, 2^b - 1]."""
+        """(codes, step, zero) of the full quantization of `weight`: codes in [0, 2^b - 1],
+        step and zero shaped [out, n_groups]."""
         step, zero = quant_params(
             weight, self.bits, self.group_size, self.clip_upper, self.clip_lower
         )
@@ -107,3 +109,19 @@ class WeightQuantizer(nn.Module):
             0, 2**self.bits - 1
         )
         return codes.reshape(weight.shape), step.squeeze(-1), zero.squeeze(-1)
+
+
+@dataclass
+class QuantGrid:
+    """A weight on its integer grid: W = (codes - zero) * step, per row or per group."""
+
+    codes: torch.Tensor  # [out, in], integers in [0, 2^bits - 1] (stored as float)
+    step: torch.Tensor  # [out, n_groups]
+    zero: torch.Tensor  # [out, n_groups]
+    bits: int
+    group_size: int | None
+
+    def dequantize(self) -> torch.Tensor:
+        out, n_groups = self.step.shape
+        codes = self.codes.reshape(out, n_groups, -1)
+        return ((codes - self.zero[..., None]) * self.step[..., None]).reshape(self.codes.shape)
