@@ -63,7 +63,44 @@ def fast_lr_suite() -> list[Cell]:
     return cells
 
 
-SUITES = {"main": main_suite, "fast-lr": fast_lr_suite}
+def ablation_suite() -> list[Cell]:
+    """The paper's ablations (Tables 6-10, F, G) at the shared --fast budget on SmolLM2.
+
+    Schedule ablations at W2A16 (where the differences are largest); channel scaling and
+    LoRA at W4A4 (the only setting with channel scaling). Cells equal to a main-table cell
+    (SliderQuant W2A16 / W4A4 defaults) are not repeated.
+    """
+    w2 = ["--preset", "w2a16", *BUDGET]
+    w4a4 = ["--preset", "w4a4", *BUDGET]
+    cells = []
+
+    def add(table: str, variant: str, args: list[str]) -> None:
+        cells.append(Cell(f"{table}/{variant}", {"table": table, "variant": variant}, args))
+
+    for ls, ld, stages, name in [(1, 1, 1, "no PESW, no PCSW, no intra"),
+                                 (4, 1, 1, "PESW only"), (1, 4, 1, "PCSW only"),
+                                 (4, 4, 1, "PESW + PCSW, no intra")]:
+        add("T6 components", name, [*w2, "--shallow", str(ls), "--deep", str(ld),
+                                    "--intra-stages", str(stages)])
+    for f in (2, 3, 5, 6):
+        add("T7 Ls=Ld", f"Ls=Ld={f}", [*w2, "--shallow", str(f), "--deep", str(f)])
+    for stages in (3, 4):
+        add("T8 gamma", f"gamma=1/{stages}", [*w2, "--intra-stages", str(stages)])
+    for size in (3, 4):
+        add("T9 window size", f"s={size}", [*w2, "--window-size", str(size)])
+    add("T10 CS/LoRA (W4A4)", "CS only", [*w4a4, "--lora-rank", "0"])
+    add("T10 CS/LoRA (W4A4)", "LoRA only", [*w4a4, "--no-channel-scaling"])
+    add("T10 CS/LoRA (W4A4)", "neither (clipping only)",
+        [*w4a4, "--lora-rank", "0", "--no-channel-scaling"])
+    for n in (4, 8, 32):
+        add("TF calibration samples", f"nsamples={n}", [*w2, "--nsamples", str(n)])
+    for g in (32, 64):
+        add("TG group size", f"g{g}", [*w2, "--group-size", str(g)])
+    add("intra mode", "per_window", [*w2, "--intra-mode", "per_window"])
+    return cells
+
+
+SUITES = {"main": main_suite, "fast-lr": fast_lr_suite, "ablations": ablation_suite}
 
 
 def run_cell(cell: Cell, data_dir: str) -> dict:
