@@ -67,3 +67,25 @@ def test_quantize_save_eval_round_trip(capsys, data_root, tmp_path):
     assert reloaded == pytest.approx(in_memory, rel=1e-5)
     assert main(args) == 2
     assert "finished run" in capsys.readouterr().err
+
+
+def test_local_hugging_face_folder_and_w4a16_reload_in_plain_transformers(data_root, tmp_path):
+    """A local HF folder quantizes; a weight-only result loads in plain transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sliderquant import load
+
+    source = load("stories260k", data_dir=data_root)
+    source.model.save_pretrained(tmp_path / "hf")
+    source.tokenizer.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "rtn"
+    assert main(["quantize", str(tmp_path / "hf"), "--data-dir", str(data_root), "--method",
+                 "rtn", "--seqlen", "128", "--nsamples", "4", "--calib", "wikitext2:valid",
+                 "--tasks", "none", "--out", str(out), "--quiet"]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    ours = load(str(out))
+    ids = torch.randint(0, 512, (1, 32))
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, ours.model(ids).logits)
+        assert not torch.equal(plain(ids).logits, source.model(ids).logits)
