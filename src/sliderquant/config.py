@@ -204,9 +204,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "w4a4": {"wbits": 4, "abits": 4, "channel_scaling": True, "rotate": True, "epochs": 20,
              "lora_lr": 1e-4, "scale_lr": 1e-3},
 }
-# Sized for a 2-core CPU: short windows, few samples, few epochs (see docs/RESULTS.md).
+# Sized for a 2-core CPU: few, short samples and few epochs, i.e. ~1/100 of the paper's
+# optimiser steps. Learning rates are raised to compensate (x5, x20 at W2A16), chosen by
+# the sweep `python benchmarks/run.py fast-lr` on SmolLM2-135M (docs/RESULTS.md).
 FAST: dict[str, Any] = {"nsamples": 16, "seqlen": 512, "epochs": 2, "batch_size": 2}
-FAST_BY_PRESET: dict[str, dict[str, Any]] = {"w2a16": {"epochs": 4}}
+FAST_BY_PRESET: dict[str, dict[str, Any]] = {
+    "w4a16": {"lora_lr": 5e-4, "clip_lr": 5e-2},
+    "w3a16": {"lora_lr": 5e-4, "clip_lr": 5e-2},
+    "w2a16": {"epochs": 4, "lora_lr": 1e-2, "clip_lr": 2e-1},
+    "w4a4": {"lora_lr": 5e-4, "clip_lr": 5e-2, "scale_lr": 5e-3},
+}
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "fixed": {"intra_stages": 1, "window_size": 2, "stride": 1},
     "blockwise": {"intra_stages": 1, "window_size": 1, "stride": 1},
