@@ -185,24 +185,24 @@ def _encode_quantized(name: str, w: np.ndarray, s: np.ndarray, z: np.ndarray, c:
     """(type, bytes, report) for one quantized projection, following the module docstring."""
     natural = NATURAL[bits]
     cols = w.shape[1]
-    candidates = [natural] + ([T.Q4_1] if bits < 4 else [])
-    lossy = None
-    for qtype in candidates:
-        block = gguf.GGML_QUANT_SIZES[qtype][0]
-        if cols % block:
-            continue
-        data, exact_blocks = ENCODERS[qtype](w, s, z, c)
-        reason = _reason(qtype, natural, cols)
+    container = T.Q4_1 if bits < 4 and cols % 32 == 0 else None
+    first = natural if cols % gguf.GGML_QUANT_SIZES[natural][0] == 0 else container
+    if first is not None:
+        data, exact_blocks = ENCODERS[first](w, s, z, c)
+        reason = _reason(first, natural, cols)
         if exact_blocks.all():
-            return qtype, data, _report(name, qtype, "exact", data, w, s, reason)
-        if lossy is None:
-            lossy = (qtype, data, int((~exact_blocks).sum()), exact_blocks.size)
-    if lossy is not None and not exact:
-        qtype, data, bad, total = lossy
-        why = _reason(qtype, natural, cols) or (f"{bad} of {total} blocks cannot hold the "
-                                                "learned grid")
-        return qtype, data, _report(name, qtype, "requantized", data, w, s, why)
-    why = ("--exact: no GGUF block type holds this grid exactly" if lossy is not None
+            return first, data, _report(name, first, "exact", data, w, s, reason)
+        if not exact:
+            bad = f"{int((~exact_blocks).sum())} of {exact_blocks.size} blocks cannot hold " \
+                  "the learned grid"
+            return first, data, _report(name, first, "requantized", data, w, s,
+                                        f"{reason}; {bad}" if reason else bad)
+        if container is not None and first != container:
+            data, exact_blocks = ENCODERS[container](w, s, z, c)
+            if exact_blocks.all():
+                return container, data, _report(name, container, "exact", data, w, s,
+                                                f"--exact: {natural.name} would re-quantize")
+    why = ("--exact: no GGUF block type holds this grid exactly" if first is not None
            else f"rows of {cols} are not a multiple of 32")
     qtype, data, report = _encode_float(name, w, float_type, s)
     report.reason = why
@@ -213,9 +213,7 @@ def _reason(qtype, natural, cols: int) -> str:
     if qtype == natural:
         return ""
     block = gguf.GGML_QUANT_SIZES[natural][0]
-    if cols % block:
-        return f"rows of {cols} are not a multiple of {block}, which {natural.name} needs"
-    return f"{natural.name} would re-quantize"
+    return f"rows of {cols} are not a multiple of {block}, which {natural.name} needs"
 
 
 def _encode_float(name: str, w: np.ndarray, kind: str, s: np.ndarray | None = None):

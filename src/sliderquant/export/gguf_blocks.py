@@ -11,6 +11,8 @@ Block layouts follow ggml (ggml-common.h); `gguf.quants.dequantize` decodes them
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import quants
@@ -50,8 +52,7 @@ def encode_q4_1(w: np.ndarray, s: np.ndarray, z: np.ndarray, c: np.ndarray):
     q = np.clip(cb, 0, 15).astype(np.uint8)
     qs = q[:, :16] | (q[:, 16:] << 4)
     ours = np.concatenate([_f16_bytes(d), _f16_bytes(m), qs], axis=1)
-    theirs = quants.quantize(w.reshape(n, QK), T.Q4_1)
-    return _select(ours, theirs, exact, rows), exact
+    return _select(ours, lambda x: quants.quantize(x, T.Q4_1), w, exact, rows), exact
 
 
 def encode_q8_0(w: np.ndarray, s: np.ndarray, z: np.ndarray, c: np.ndarray):
@@ -68,8 +69,7 @@ def encode_q8_0(w: np.ndarray, s: np.ndarray, z: np.ndarray, c: np.ndarray):
     d = sb[:, :1] * sign
     q = np.clip(v * sign, -128, 127).astype(np.int8).view(np.uint8)
     ours = np.concatenate([_f16_bytes(d), q], axis=1)
-    theirs = quants.quantize(w.reshape(n, QK), T.Q8_0)
-    return _select(ours, theirs, exact, rows), exact
+    return _select(ours, lambda x: quants.quantize(x, T.Q8_0), w, exact, rows), exact
 
 
 def encode_q2_k(w: np.ndarray, s: np.ndarray, z: np.ndarray, c: np.ndarray):
@@ -88,11 +88,13 @@ def encode_q2_k(w: np.ndarray, s: np.ndarray, z: np.ndarray, c: np.ndarray):
     qs = _pack_k_low2(np.clip(cb, 0, 3))
     d = sb[:, :1]
     ours = np.concatenate([scales, qs, _f16_bytes(d), _f16_bytes(d * sign[:, None])], axis=1)
-    x = w.reshape(n, QK_K)
     ssub = sb.reshape(n, SUB, SUB)
-    grid_aware = _quantize_q2_k(x, ssub[..., 0], ssub[..., 0] * zsub[..., 0])
-    theirs = _closest(x, T.Q2_K, grid_aware, _quantize_q2_k(x))
-    return _select(ours, theirs, exact, rows), exact
+
+    def requantize(x: np.ndarray) -> np.ndarray:
+        grid_aware = _quantize_q2_k(x, ssub[~exact, :, 0], (ssub * zsub)[~exact, :, 0])
+        return _closest(x, T.Q2_K, grid_aware, _quantize_q2_k(x))
+
+    return _select(ours, requantize, w, exact, rows), exact
 
 
 def encode_q3_k(w: np.ndarray, s: np.ndarray, z: np.ndarray, c: np.ndarray):
@@ -120,9 +122,11 @@ def encode_q3_k(w: np.ndarray, s: np.ndarray, z: np.ndarray, c: np.ndarray):
     exact_sub = best_err == 0
     exact = one_step & exact_sub.all(-1)
     ours = _pack_q3_k(sb[:, :1], best_sc, best_u + 4)
-    x = w.reshape(n, QK_K)
-    encoded = np.where(exact[:, None], ours, _closest(x, T.Q3_K, ours, _quantize_q3_k(x)))
-    return encoded.reshape(rows, -1), exact
+
+    def requantize(x: np.ndarray) -> np.ndarray:
+        return _closest(x, T.Q3_K, ours[~exact], _quantize_q3_k(x))
+
+    return _select(ours, requantize, w, exact, rows), exact
 
 
 def _closest(x: np.ndarray, qtype: T, *candidates: np.ndarray) -> np.ndarray:
@@ -132,8 +136,13 @@ def _closest(x: np.ndarray, qtype: T, *candidates: np.ndarray) -> np.ndarray:
     return np.choose(best[:, None], candidates)
 
 
-def _select(ours: np.ndarray, theirs: np.ndarray, exact: np.ndarray, rows: int) -> np.ndarray:
-    return np.where(exact[:, None], ours, theirs).reshape(rows, -1)
+def _select(ours: np.ndarray, requantize: Callable[[np.ndarray], np.ndarray], w: np.ndarray,
+            exact: np.ndarray, rows: int) -> np.ndarray:
+    """Our encoding where it is exact; `requantize` applied to the other blocks of `w`."""
+    out = ours.copy()
+    if not exact.all():
+        out[~exact] = requantize(w.reshape(exact.size, -1)[~exact])
+    return out.reshape(rows, -1)
 
 
 def _pack_q3_k(d: np.ndarray, sc: np.ndarray, u: np.ndarray) -> np.ndarray:
