@@ -118,9 +118,11 @@ def evaluate_setting(name: str, run: Path, args) -> dict:
         ppl["packed (sliderquant loader)"] = perplexity_from_nlls(
             window_nlls(ours.model, windows, "packed"))
         del ours
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-        engine = AutoModelForCausalLM.from_pretrained(run / "packed", dtype=torch.float32)
+        engine = AutoModelForCausalLM.from_pretrained(
+            run / "packed", dtype=torch.float32,
+            quantization_config=CompressedTensorsConfig(dequantize=True))
         ppl["packed (transformers + compressed-tensors)"] = perplexity_from_nlls(
             window_nlls(engine.eval(), windows, "packed/ct"))
         del engine

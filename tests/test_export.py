@@ -166,7 +166,7 @@ def test_exported_gguf_and_packed_load_back_through_sliderquant(tmp_path):
         from_gguf = api.load(str(tmp_path / "run" / "model.gguf"))
         from_packed = api.load(str(tmp_path / "run" / "packed"))
         assert torch.allclose(from_gguf.model(input_ids=ids).logits, want, atol=2e-2)
-        assert torch.equal(from_packed.model(input_ids=ids).logits, want)
+        assert torch.allclose(from_packed.model(input_ids=ids).logits, want, atol=1e-5)
     assert from_gguf.tokenizer("the the")["input_ids"] == tiny_tokenizer()("the the")["input_ids"]
     for module, weight in projections(folded).items():  # packed: bit-exact
         assert torch.equal(from_packed.model.get_parameter(f"{module}.weight"), weight)
@@ -176,14 +176,19 @@ def test_exported_gguf_and_packed_load_back_through_sliderquant(tmp_path):
 def test_packed_folder_loads_in_transformers_with_compressed_tensors(tmp_path, group_size):
     pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed "
                         "(pip install -e '.[deploy]')")
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     folded = tiny_run(tmp_path / "run", wbits=4, group_size=group_size)
     api.export(tmp_path / "run", "packed")
     config = json.loads((tmp_path / "run" / "packed" / "config.json").read_text())
     assert config["quantization_config"]["format"] == "pack-quantized"
-    engine = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "packed",
-                                                  dtype=torch.float32)
+    # dequantize=True: compressed-tensors 0.20 builds the compressed module layout with an
+    # unpacked zero point, so asymmetric packed checkpoints only load through this route
+    engine = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "run" / "packed", dtype=torch.float32,
+        quantization_config=CompressedTensorsConfig(dequantize=True))
+    for module, weight in projections(folded).items():
+        assert torch.equal(engine.get_parameter(f"{module}.weight"), weight)
     ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.allclose(engine(input_ids=ids).logits, folded(input_ids=ids).logits,

@@ -292,6 +292,10 @@ def export(
         raise ExportError(f"unknown export format {fmt!r}; use one of "
                           f"{', '.join(EXPORT_FORMATS)}")
     target = Path(out) if out else folder / ("model.gguf" if fmt == "gguf" else "packed")
+    if target.resolve() in (folder.resolve(), *folder.resolve().parents) or \
+            (fmt == "gguf" and target.is_dir()):
+        raise RunFolderError(f"--out {target} would replace the run folder or a folder; "
+                             "name a new file or folder")
     if target.exists() and not overwrite:
         raise RunFolderError(f"{target} exists; choose another --out or pass --overwrite")
     record = json.loads((folder / RUN_FILE).read_text())

@@ -20,7 +20,7 @@ _PRE_TOKENIZERS: tuple[tuple[str, Callable[[list[dict]], bool]], ...] = (
     ("llama-bpe", lambda steps: any(r"\p{N}{1,3}" in _regex(s) for s in steps)),
     ("qwen2", lambda steps: any(r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|" in _regex(s)
                                 for s in steps)),
-    ("gpt2", lambda steps: [s["type"] for s in steps] == ["ByteLevel"]
+    ("gpt-2", lambda steps: [s["type"] for s in steps] == ["ByteLevel"]
      and steps[0].get("use_regex", True)),
 )
 
@@ -81,23 +81,26 @@ def convert_tokenizer(folder: Path, writer: gguf.GGUFWriter, vocab_size: int,
         raise ExportError(f"{path} has {len(tokens)} tokens, more than the model's "
                           f"{vocab_size} embeddings")
     added = {a["content"]: a for a in spec.get("added_tokens", [])}
+    padding = vocab_size - len(tokens)
+    if padding:  # embeddings beyond the tokenizer: llama.cpp needs a token for each row
+        pads = [f"[PAD{i}]" for i in range(padding)]
+        added.update({p: {"special": False, "unused": True} for p in pads})
+        tokens = [*tokens, *pads]
+        warn(f"the model has {padding} embedding rows beyond the tokenizer; they are "
+             "unused tokens [PAD…] in the GGUF")
     special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
     if model.get("byte_fallback"):
         _llama_vocab(spec, tokens, added, special, writer)
     else:
         _gpt2_vocab(spec, tokens, added, writer, warn)
-    padding = vocab_size - len(tokens)
-    if padding:  # embeddings beyond the tokenizer: llama.cpp needs a token for each row
-        writer.add_token_list([*tokens, *(f"[PAD{i}]" for i in range(padding))])
-        warn(f"the model has {padding} embedding rows beyond the tokenizer; they are "
-             "named [PAD…] in the GGUF")
-    else:
-        writer.add_token_list(tokens)
+    writer.add_token_list(tokens)
     special.add_to_gguf(writer, quiet=True)
 
 
 def _token_type(token: str, added: dict) -> int:
     if token in added:
+        if added[token].get("unused"):
+            return gguf.TokenType.UNUSED
         return gguf.TokenType.CONTROL if added[token].get("special") else \
             gguf.TokenType.USER_DEFINED
     return gguf.TokenType.NORMAL

@@ -30,9 +30,8 @@ PACKED_BITS = (4, 8)
 PACKED_GROUPS = (None, 32, 64, 128)
 EXPORT_RECORD = "sliderquant_export.json"
 WEIGHTS = "model.safetensors"
-# run-folder files that are not carried into the packed folder
-_NOT_CARRIED = {"model.safetensors", "model.safetensors.index.json", "config.json",
-                "sliderquant.json", "quantization.safetensors", "checkpoint"}
+# run-folder files not carried into the packed folder (nor weights, nor exported GGUFs)
+_NOT_CARRIED = {"model.safetensors.index.json", "config.json", "sliderquant.json"}
 
 
 def check_packable(run: QuantizedRun, drop_activation_quantization: bool = False) -> None:
@@ -99,7 +98,7 @@ def export_packed(run: QuantizedRun, out: Path, drop_activation_quantization: bo
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         for item in run.folder.iterdir():
             if item.is_file() and item.name not in _NOT_CARRIED and \
-                    not item.name.startswith("."):
+                    item.suffix not in (".safetensors", ".gguf") and not item.name.startswith("."):
                 shutil.copy2(item, staging / item.name)
         (staging / EXPORT_RECORD).write_text(json.dumps(
             {"run": run.record, "format": FORMAT,
