@@ -53,6 +53,8 @@ def main() -> int:
     p.add_argument("--method", default="sliderquant",
                    help="quantization method of the W4/W3/W2 runs (sliderquant uses the "
                         "--fast presets; rtn takes seconds)")
+    p.add_argument("--settings", default="FP16,W4A16,W3A16,W2A16",
+                   help="comma-separated subset of FP16, W4A16, W3A16, W2A16")
     p.add_argument("--windows", type=int, default=4, help="WikiText-2 test windows")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens for speed")
@@ -74,7 +76,7 @@ def main() -> int:
                            "tolerance": TOLERANCE},
               "command": "python benchmarks/deployment.py " + " ".join(sys.argv[1:]),
               "models": {}}
-    for name in ("FP16", *PRESETS):
+    for name in args.settings.split(","):
         run = args.work / name.lower()
         if not (run / "sliderquant.json").is_file():
             subprocess.run([sys.executable, "-m", "sliderquant", "quantize", MODEL,
@@ -97,7 +99,7 @@ def evaluate_setting(name: str, run: Path, args) -> dict:
     from sliderquant.eval.perplexity import eval_windows, perplexity_from_nlls, window_nlls
 
     gguf = run / "model.gguf"
-    export = api.export(run, "gguf", gguf, overwrite=True)
+    export = api.export(run, "gguf", gguf, overwrite=True)  # also reports the tensor storage
     loaded = api.load(str(run))
     windows = eval_windows("wikitext2", loaded.tokenizer, args.seqlen, args.windows,
                            api.resolve_data_root(args.data_dir))
