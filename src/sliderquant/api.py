@@ -35,13 +35,14 @@ from sliderquant.data import (
 )
 from sliderquant.engine import Engine, NonFiniteLossError, WindowRecord, make_schedule
 from sliderquant.eval.perplexity import eval_windows, perplexity_from_nlls, window_nlls
+from sliderquant.export.source import ExportError, ExportResult, QuantizedRun
 from sliderquant.fold import fold_layers, install_activation_quantization
 from sliderquant.models.adapters import (
     ContextLengthError,
     DecoderAdapter,
     UnsupportedModelError,
 )
-from sliderquant.models.embedded import cache_dir
+from sliderquant.models.embedded import EMBEDDED, cache_dir, embedded_gguf
 from sliderquant.models.loading import LoadedModel, ModelLoadError, load_model
 from sliderquant.quant.layer import PROJECTIONS, LayerQuantSpec, QuantDecoderLayer
 from sliderquant.rotation import rotate_model
@@ -58,7 +59,8 @@ class RunFolderError(RuntimeError):
 
 # Errors caused by the user's input or environment: the CLI prints them without a traceback.
 USER_ERRORS = (ConfigError, DataError, CheckpointError, RunFolderError, ModelLoadError,
-               UnsupportedModelError, ContextLengthError, NonFiniteLossError)
+               UnsupportedModelError, ContextLengthError, NonFiniteLossError, ExportError)
+EXPORT_FORMATS = ("gguf", "packed")
 
 
 @dataclass
@@ -235,10 +237,18 @@ def update_run_record(output_dir: str | os.PathLike, **entries) -> None:
 def load(ref: str, data_dir: str | os.PathLike | None = None,
          dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> LoadedModel:
     """Load any model reference; a sliderquant run folder comes back with its activation
-    quantizers installed and its run record in `.run`."""
+    quantizers installed and its run record in `.run`; a packed (compressed-tensors) folder
+    is unpacked to float."""
+    from sliderquant.export import packed
+
     path = Path(ref).expanduser()
     if (path / RUN_FILE).is_file():
         return load_quantized(path, dtype)
+    if path.is_dir() and packed.is_packed_folder(path):
+        model, tokenizer = packed.load_packed(path, dtype)
+        return LoadedModel(model, tokenizer, source=str(path),
+                           note=f"packed ({packed.FORMAT}) checkpoint, weights unpacked to "
+                                f"{str(dtype).removeprefix('torch.')}")
     return load_model(ref, resolve_data_root(data_dir), dtype, trust_remote_code)
 
 
@@ -254,6 +264,64 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32) 
                                     config.quantize_attention)
     loaded.run, loaded.note = run, run.get("model_note")
     return loaded
+
+
+def export(
+    run_dir: str | os.PathLike,
+    fmt: str,
+    out: str | os.PathLike | None = None,
+    *,
+    overwrite: bool = False,
+    exact: bool = False,
+    float_type: str = "f16",
+    embedding_type: str | None = None,
+    vocab_from: str | os.PathLike | None = None,
+    drop_activation_quantization: bool = False,
+    warn: Callable[[str], None] = lambda _: None,
+) -> ExportResult:
+    """Write a finished run for an inference engine: `gguf` (llama.cpp; default
+    `RUN/model.gguf`) or `packed` (compressed-tensors pack-quantized for transformers and
+    vLLM; default `RUN/packed`). See `sliderquant.export.gguf` / `.packed` for the rules."""
+    from sliderquant.export.gguf import export_gguf
+    from sliderquant.export.packed import export_packed
+
+    folder = Path(run_dir)
+    if not (folder / RUN_FILE).is_file():
+        raise RunFolderError(f"{folder} is not a finished sliderquant run (no {RUN_FILE})")
+    if fmt not in EXPORT_FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; use one of "
+                          f"{', '.join(EXPORT_FORMATS)}")
+    target = Path(out) if out else folder / ("model.gguf" if fmt == "gguf" else "packed")
+    if target.resolve() in (folder.resolve(), *folder.resolve().parents) or \
+            (fmt == "gguf" and target.is_dir()):
+        raise RunFolderError(f"--out {target} would replace the run folder or a folder; "
+                             "name a new file or folder")
+    if target.exists() and not overwrite:
+        raise RunFolderError(f"{target} exists; choose another --out or pass --overwrite")
+    record = json.loads((folder / RUN_FILE).read_text())
+    run = QuantizedRun(load_model(str(folder), None).model, folder, record, load_grids(folder),
+                       source_gguf=_source_gguf(record.get("model")))
+    if fmt == "packed":
+        return export_packed(run, target, drop_activation_quantization)
+    if run.abits < 16 and not drop_activation_quantization:
+        raise ExportError(
+            f"this run quantizes activations to {run.abits} bits (W{run.wbits}A{run.abits}); "
+            f"GGUF holds weights only and llama.cpp would run it as W{run.wbits}A16. Pass "
+            "--drop-activation-quantization to export its weights anyway")
+    return export_gguf(run, target, exact=exact, float_type=float_type,
+                       embedding_type=embedding_type,
+                       vocab_from=Path(vocab_from) if vocab_from else None, warn=warn)
+
+
+def _source_gguf(source: str | None) -> Path | None:
+    """The GGUF a run's model was loaded from (its tokenizer and metadata are carried over)."""
+    if not source:
+        return None
+    name = source.removesuffix(" (embedded default)")
+    if name in EMBEDDED:
+        return embedded_gguf(name)
+    path = Path(source)
+    return path if path.suffix == ".gguf" and path.is_file() else None
 
 
 def load_grids(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sliderquant.cli import evaluate, quantize, schedule
+from sliderquant.cli import evaluate, export, quantize, schedule
 
-COMMANDS = (quantize, evaluate, schedule)
+COMMANDS = (quantize, evaluate, export, schedule)
 
 
 def build_parser() -> argparse.ArgumentParser:
