@@ -1,0 +1,156 @@
+"""Zero-shot accuracy (lm-eval) of FP and W4A16 SmolLM2-135M, and the quantized model's KL
+divergence from FP on WikiText-2 and C4.
+
+    python benchmarks/zeroshot.py --data-dir ../shared/data --limit 300
+
+Steps, each a `sliderquant` command in its own process whose JSON is kept in --work (a
+finished step is not rerun unless --rerun): quantize SmolLM2 with the w4a16 --fast preset,
+evaluate the FP model on the six tasks, evaluate the quantized run on the six tasks plus
+perplexity and KL(FP || Q). Results: docs/results/zeroshot.json and zeroshot.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "docs" / "results"
+MODEL = "smollm2-135m"
+TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq")
+CHANCE = {"piqa": 0.5, "arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25,
+          "winogrande": 0.5, "boolq": 0.5}  # boolq: uniform guess; majority class is 0.62
+
+
+def sliderquant(args: list[str], log: Path) -> float:
+    """Run `sliderquant ARGS` under the lowest CPU priority; its wall time in seconds."""
+    cmd = ["nice", "-n", "19", sys.executable, "-m", "sliderquant", *args]
+    began = time.perf_counter()
+    with log.open("w") as f:
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}; see {log}")
+    return round(time.perf_counter() - began, 1)
+
+
+def steps(data_dir: str, work: Path, limit: int, seqlen: int, windows: int) -> list[tuple]:
+    run = work / "smollm2-w4a16"
+    zeroshot = ["--tasks", ",".join(TASKS), "--limit", str(limit)]
+    perplexity = ["--tasks", "wikitext2,c4", "--eval-seqlen", str(seqlen), "--eval-windows",
+                  str(windows), "--kl"]
+    return [
+        ("quantize", run / "sliderquant.json",
+         ["quantize", MODEL, "--preset", "w4a16", "--fast", "--calib", "wikitext2:valid",
+          "--data-dir", data_dir, "--out", str(run), "--tasks", "none", "--quiet"]),
+        ("fp_zeroshot", work / "fp_zeroshot.json",
+         ["eval", MODEL, "--data-dir", data_dir, *zeroshot, "--quiet",
+          "--json", str(work / "fp_zeroshot.json")]),
+        ("w4a16_zeroshot", work / "w4a16_zeroshot.json",
+         ["eval", str(run), "--data-dir", data_dir, *zeroshot, "--quiet",
+          "--json", str(work / "w4a16_zeroshot.json")]),
+        ("w4a16_kl", work / "w4a16_kl.json",
+         ["eval", str(run), "--data-dir", data_dir, *perplexity, "--quiet",
+          "--json", str(work / "w4a16_kl.json")]),
+    ]
+
+
+def machine() -> str:
+    from importlib.metadata import version
+
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, Python "
+            f"{platform.python_version()}, torch {version('torch')}, transformers "
+            f"{version('transformers')}, lm-eval {version('lm-eval')}")
+
+
+def shown(args: list[str], work: Path, data_dir: str) -> str:
+    text = " ".join(["sliderquant", *args])
+    return text.replace(str(work), "WORK").replace(data_dir, "DATA")
+
+
+def write_markdown(results: dict) -> Path:
+    fp, q = results["fp_zeroshot"]["zeroshot"], results["w4a16_zeroshot"]["zeroshot"]
+    meta = results["_meta"]
+    lines = ["# Zero-shot accuracy and KL divergence: SmolLM2-135M-Instruct, FP vs W4A16",
+             "", f"First {meta['limit']} items of each task (`--limit {meta['limit']}`), "
+             "0-shot, lm-eval's prompts and metrics, local data copies (see "
+             "[docs/EVALUATION.md](../EVALUATION.md) for which file each task reads). "
+             "Metric: acc_norm where the task has it, else acc; ± is lm-eval's stderr.", "",
+             "| task | metric | chance | FP | W4A16 (SliderQuant --fast) | items |",
+             "|---|---|---|---|---|---|"]
+    for task in TASKS:
+        a, b = fp[task], q[task]
+        lines.append(f"| {task} | {a['metric']} | {CHANCE[task]:.2f} | "
+                     f"{a['value']:.3f} ± {a['stderr']:.3f} | "
+                     f"{b['value']:.3f} ± {b['stderr']:.3f} | {a['n']} of {a['n_available']} |")
+    mean_fp = sum(fp[t]["value"] for t in TASKS) / len(TASKS)
+    mean_q = sum(q[t]["value"] for t in TASKS) / len(TASKS)
+    lines.append(f"| mean | | | {mean_fp:.3f} | {mean_q:.3f} | |")
+    kl = results["w4a16_kl"]["perplexity"]
+    first = next(iter(kl.values()))
+    lines += ["", f"Perplexity and KL(FP ‖ W4A16) of the next-token distributions "
+              f"({first['windows']} windows × {first['seqlen']} tokens per set):", "",
+              "| set | FP ppl | W4A16 ppl | mean KL (nats/token) | top-1 agreement |",
+              "|---|---|---|---|---|"]
+    for name, r in kl.items():
+        lines.append(f"| {name} | {r['reference_ppl']:.3f} | {r['ppl']:.3f} | "
+                     f"{r['kl']:.4f} | {r['top1_agreement']:.3f} |")
+    lines += ["", f"Machine: {meta['machine']}; load average at the start "
+              f"{meta['load_average']} (shared with other jobs; every step ran under "
+              f"`nice -n 19`, so wall times are not timings). Date: {meta['date']}.",
+              f"Produced by `{meta['command']}`, which runs:", ""]
+    for key in ("quantize", "fp_zeroshot", "w4a16_zeroshot", "w4a16_kl"):
+        wall = results[key]["wall_s"]
+        lines.append(f"- `{results[key]['command']}` "
+                     f"({'output reused' if wall is None else f'{wall:.0f} s wall'})")
+    path = RESULTS / "zeroshot.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", required=True, help="data root (wikitext2/, c4/, zeroshot/)")
+    parser.add_argument("--limit", type=int, default=300, help="items per zero-shot task")
+    parser.add_argument("--kl-seqlen", type=int, default=2048, help="perplexity/KL window")
+    parser.add_argument("--kl-windows", type=int, default=8, help="windows per set for KL")
+    parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "out" / "zeroshot",
+                        help="where the quantized run and the per-step JSON are kept")
+    parser.add_argument("--rerun", action="store_true", help="rerun finished steps")
+    args = parser.parse_args()
+    data_dir = str(Path(args.data_dir).resolve())
+    args.work.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "zeroshot.json"
+    results = json.loads(path.read_text()) if path.is_file() and not args.rerun else {}
+    results["_meta"] = {
+        "machine": machine(), "date": date.today().isoformat(), "model": MODEL,
+        "limit": args.limit, "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "command": f"python benchmarks/zeroshot.py --data-dir DATA --limit {args.limit} "
+                   f"--kl-seqlen {args.kl_seqlen} --kl-windows {args.kl_windows}"}
+    for key, output, cmd in steps(data_dir, args.work, args.limit, args.kl_seqlen,
+                                  args.kl_windows):
+        if key in results and output.is_file() and not args.rerun:
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
+        wall = None  # None: the output of an earlier run of the same command is reused
+        if args.rerun or not output.is_file():
+            cmd = [*cmd, "--overwrite"] if key == "quantize" and args.rerun else cmd
+            wall = sliderquant(cmd, args.work / f"{key}.log")
+        record = json.loads(output.read_text())
+        if key == "quantize":
+            record = {k: record[k] for k in ("model", "config", "timings", "peak_rss_mb")}
+        results[key] = {**record, "command": shown(cmd, args.work, data_dir), "wall_s": wall}
+        path.write_text(json.dumps(results, indent=1))
+    print(write_markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
