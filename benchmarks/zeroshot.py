@@ -1,12 +1,12 @@
 """Zero-shot accuracy (lm-eval) of FP and W4A16 SmolLM2-135M, and the quantized model's KL
 divergence from FP on WikiText-2 and C4.
 
-    python benchmarks/zeroshot.py --data-dir ../shared/data --limit 300
+    python benchmarks/zeroshot.py --data-dir ../shared/data --limit 300 --method sliderquant
 
 Steps, each a `sliderquant` command in its own process whose JSON is kept in --work (a
-finished step is not rerun unless --rerun): quantize SmolLM2 with the w4a16 --fast preset,
-evaluate the FP model on the six tasks, evaluate the quantized run on the six tasks plus
-perplexity and KL(FP || Q). Results: docs/results/zeroshot.json and zeroshot.md.
+finished step is not rerun unless --rerun): quantize SmolLM2 with the w4a16 --fast preset
+and --method, evaluate the FP model on the six tasks, evaluate the quantized run on the six
+tasks plus perplexity and KL(FP || Q). Results: docs/results/zeroshot.json and zeroshot.md.
 """
 
 from __future__ import annotations
@@ -40,15 +40,17 @@ def sliderquant(args: list[str], log: Path) -> float:
     return round(time.perf_counter() - began, 1)
 
 
-def steps(data_dir: str, work: Path, limit: int, seqlen: int, windows: int) -> list[tuple]:
-    run = work / "smollm2-w4a16"
+def steps(data_dir: str, work: Path, method: str, limit: int, seqlen: int,
+          windows: int) -> list[tuple]:
+    run = work / f"smollm2-w4a16-{method}"
     zeroshot = ["--tasks", ",".join(TASKS), "--limit", str(limit)]
     perplexity = ["--tasks", "wikitext2,c4", "--eval-seqlen", str(seqlen), "--eval-windows",
                   str(windows), "--kl"]
     return [
         ("quantize", run / "sliderquant.json",
-         ["quantize", MODEL, "--preset", "w4a16", "--fast", "--calib", "wikitext2:valid",
-          "--data-dir", data_dir, "--out", str(run), "--tasks", "none", "--quiet"]),
+         ["quantize", MODEL, "--preset", "w4a16", "--fast", "--method", method, "--calib",
+          "wikitext2:valid", "--data-dir", data_dir, "--out", str(run), "--tasks", "none",
+          "--quiet"]),
         ("fp_zeroshot", work / "fp_zeroshot.json",
          ["eval", MODEL, "--data-dir", data_dir, *zeroshot, "--quiet",
           "--json", str(work / "fp_zeroshot.json")]),
@@ -82,7 +84,7 @@ def write_markdown(results: dict) -> Path:
              "0-shot, lm-eval's prompts and metrics, local data copies (see "
              "[docs/EVALUATION.md](../EVALUATION.md) for which file each task reads). "
              "Metric: acc_norm where the task has it, else acc; ± is lm-eval's stderr.", "",
-             "| task | metric | chance | FP | W4A16 (SliderQuant --fast) | items |",
+             f"| task | metric | chance | FP | W4A16 ({meta['method']}) | items |",
              "|---|---|---|---|---|---|"]
     for task in TASKS:
         a, b = fp[task], q[task]
@@ -118,6 +120,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True, help="data root (wikitext2/, c4/, zeroshot/)")
     parser.add_argument("--limit", type=int, default=300, help="items per zero-shot task")
+    parser.add_argument("--method", default="sliderquant",
+                        help="quantization method of the W4A16 model (w4a16 --fast preset)")
     parser.add_argument("--kl-seqlen", type=int, default=2048, help="perplexity/KL window")
     parser.add_argument("--kl-windows", type=int, default=8, help="windows per set for KL")
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "out" / "zeroshot",
@@ -131,11 +135,13 @@ def main() -> int:
     results = json.loads(path.read_text()) if path.is_file() and not args.rerun else {}
     results["_meta"] = {
         "machine": machine(), "date": date.today().isoformat(), "model": MODEL,
-        "limit": args.limit, "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "limit": args.limit, "method": args.method,
+        "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg()),
         "command": f"python benchmarks/zeroshot.py --data-dir DATA --limit {args.limit} "
-                   f"--kl-seqlen {args.kl_seqlen} --kl-windows {args.kl_windows}"}
-    for key, output, cmd in steps(data_dir, args.work, args.limit, args.kl_seqlen,
-                                  args.kl_windows):
+                   f"--method {args.method} --kl-seqlen {args.kl_seqlen} "
+                   f"--kl-windows {args.kl_windows}"}
+    for key, output, cmd in steps(data_dir, args.work, args.method, args.limit,
+                                  args.kl_seqlen, args.kl_windows):
         if key in results and output.is_file() and not args.rerun:
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)

@@ -40,7 +40,7 @@ def test_kl_against_a_direct_computation():
 def test_eval_kl_of_a_run_folder_uses_its_source_model(data_root, tmp_path, capsys):
     out = tmp_path / "rtn"
     assert main(["quantize", "stories260k", "--data-dir", str(data_root), "--method", "rtn",
-                 "--wbits", "3", "--seqlen", "128", "--nsamples", "2", "--calib",
+                 "--wbits", "3", "--seqlen", "128", "--nsamples", "3", "--calib",
                  "wikitext2:valid", "--tasks", "none", "--out", str(out), "--quiet"]) == 0
     assert json.loads((out / "sliderquant.json").read_text())["model_ref"] == "stories260k"
     capsys.readouterr()

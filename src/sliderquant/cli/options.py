@@ -14,7 +14,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="smollm2-135m (embedded default), stories260k (data root), a "
                    ".gguf file, a llama2.c .bin, a Hugging Face folder or hub id, or (eval) a "
                    "sliderquant run folder")
-    p.add_argument("--data-dir", help="data root with wikitext2/ and c4/ (default: "
+    p.add_argument("--data-dir", help="data root with wikitext2/, c4/ and zeroshot/ (default: "
                    "$SLIDERQUANT_DATA, else the Hugging Face hub)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="dtype to load and save the model in (default float32)")
