@@ -76,9 +76,18 @@ def shown(args: list[str], work: Path, data_dir: str) -> str:
     return text.replace(str(work), "WORK").replace(data_dir, "DATA")
 
 
+def _cell(task_results: dict | None, task: str) -> str:
+    if task_results is None:
+        return "not run"
+    r = task_results[task]
+    return f"{r['value']:.3f} ± {r['stderr']:.3f}"
+
+
 def write_markdown(results: dict) -> Path:
-    fp, q = results["fp_zeroshot"]["zeroshot"], results["w4a16_zeroshot"]["zeroshot"]
+    """The table of whatever steps have finished; missing ones say "not run"."""
     meta = results["_meta"]
+    fp = results.get("fp_zeroshot", {}).get("zeroshot")
+    q = results.get("w4a16_zeroshot", {}).get("zeroshot")
     lines = ["# Zero-shot accuracy and KL divergence: SmolLM2-135M-Instruct, FP vs W4A16",
              "", f"First {meta['limit']} items of each task (`--limit {meta['limit']}`), "
              "0-shot, lm-eval's prompts and metrics, local data copies (see "
@@ -87,27 +96,33 @@ def write_markdown(results: dict) -> Path:
              f"| task | metric | chance | FP | W4A16 ({meta['method']}) | items |",
              "|---|---|---|---|---|---|"]
     for task in TASKS:
-        a, b = fp[task], q[task]
-        lines.append(f"| {task} | {a['metric']} | {CHANCE[task]:.2f} | "
-                     f"{a['value']:.3f} ± {a['stderr']:.3f} | "
-                     f"{b['value']:.3f} ± {b['stderr']:.3f} | {a['n']} of {a['n_available']} |")
-    mean_fp = sum(fp[t]["value"] for t in TASKS) / len(TASKS)
-    mean_q = sum(q[t]["value"] for t in TASKS) / len(TASKS)
-    lines.append(f"| mean | | | {mean_fp:.3f} | {mean_q:.3f} | |")
-    kl = results["w4a16_kl"]["perplexity"]
-    first = next(iter(kl.values()))
-    lines += ["", f"Perplexity and KL(FP ‖ W4A16) of the next-token distributions "
-              f"({first['windows']} windows × {first['seqlen']} tokens per set):", "",
-              "| set | FP ppl | W4A16 ppl | mean KL (nats/token) | top-1 agreement |",
-              "|---|---|---|---|---|"]
-    for name, r in kl.items():
-        lines.append(f"| {name} | {r['reference_ppl']:.3f} | {r['ppl']:.3f} | "
-                     f"{r['kl']:.4f} | {r['top1_agreement']:.3f} |")
+        r = (fp or q or {}).get(task)
+        metric, items = (r["metric"], f"{r['n']} of {r['n_available']}") if r else ("", "")
+        lines.append(f"| {task} | {metric} | {CHANCE[task]:.2f} | {_cell(fp, task)} | "
+                     f"{_cell(q, task)} | {items} |")
+    means = [f"{sum(x[t]['value'] for t in TASKS) / len(TASKS):.3f}" if x else "not run"
+             for x in (fp, q)]
+    lines.append(f"| mean | | | {means[0]} | {means[1]} | |")
+    kl = results.get("w4a16_kl", {}).get("perplexity")
+    if kl:
+        first = next(iter(kl.values()))
+        lines += ["", f"Perplexity and KL(FP ‖ W4A16) of the next-token distributions "
+                  f"({first['windows']} windows × {first['seqlen']} tokens per set):", "",
+                  "| set | FP ppl | W4A16 ppl | mean KL (nats/token) | top-1 agreement |",
+                  "|---|---|---|---|---|"]
+        for name, r in kl.items():
+            lines.append(f"| {name} | {r['reference_ppl']:.3f} | {r['ppl']:.3f} | "
+                         f"{r['kl']:.4f} | {r['top1_agreement']:.3f} |")
+    else:
+        lines += ["", "KL(FP ‖ W4A16): not run."]
     lines += ["", f"Machine: {meta['machine']}; load average at the start "
               f"{meta['load_average']} (shared with other jobs; every step ran under "
               f"`nice -n 19`, so wall times are not timings). Date: {meta['date']}.",
               f"Produced by `{meta['command']}`, which runs:", ""]
     for key in ("quantize", "fp_zeroshot", "w4a16_zeroshot", "w4a16_kl"):
+        if key not in results:
+            lines.append(f"- {key}: not run")
+            continue
         wall = results[key]["wall_s"]
         lines.append(f"- `{results[key]['command']}` "
                      f"({'output reused' if wall is None else f'{wall:.0f} s wall'})")
@@ -127,7 +142,12 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "out" / "zeroshot",
                         help="where the quantized run and the per-step JSON are kept")
     parser.add_argument("--rerun", action="store_true", help="rerun finished steps")
+    parser.add_argument("--report", action="store_true",
+                        help="only rewrite zeroshot.md from zeroshot.json")
     args = parser.parse_args()
+    if args.report:
+        print(write_markdown(json.loads((RESULTS / "zeroshot.json").read_text())))
+        return 0
     data_dir = str(Path(args.data_dir).resolve())
     args.work.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -154,6 +174,7 @@ def main() -> int:
             record = {k: record[k] for k in ("model", "config", "timings", "peak_rss_mb")}
         results[key] = {**record, "command": shown(cmd, args.work, data_dir), "wall_s": wall}
         path.write_text(json.dumps(results, indent=1))
+        write_markdown(results)
     print(write_markdown(results))
     return 0
 
