@@ -43,8 +43,8 @@ from sliderquant.models.adapters import (
     DecoderAdapter,
     UnsupportedModelError,
 )
-from sliderquant.models.embedded import cache_dir
-from sliderquant.models.loading import LoadedModel, ModelLoadError, load_model
+from sliderquant.models.embedded import EMBEDDED, cache_dir
+from sliderquant.models.loading import STORIES, LoadedModel, ModelLoadError, load_model
 from sliderquant.quant.layer import PROJECTIONS, LayerQuantSpec, QuantDecoderLayer
 from sliderquant.rotation import rotate_model
 
@@ -251,6 +251,8 @@ def load(ref: str, data_dir: str | os.PathLike | None = None,
 def loadable_ref(ref: str) -> str:
     """`ref` as `load` can resolve it again from any working directory (paths made absolute;
     model names and hub ids unchanged). Recorded as `model_ref` in a run's record."""
+    if ref in EMBEDDED or ref.lower() == STORIES:  # names win over same-named folders
+        return ref
     path = Path(ref).expanduser()
     return str(path.resolve()) if path.exists() else ref
 
