@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from sliderquant.api import (
     QuantizeResult,
     evaluate_perplexity,
+    evaluate_zeroshot,
     load,
     load_quantized,
     quantize,
@@ -19,6 +20,7 @@ __all__ = [
     "__version__",
     "build_schedule",
     "evaluate_perplexity",
+    "evaluate_zeroshot",
     "fixed",
     "load",
     "load_quantized",

@@ -34,7 +34,9 @@ from sliderquant.data import (
     tokenize_stream,
 )
 from sliderquant.engine import Engine, NonFiniteLossError, WindowRecord, make_schedule
+from sliderquant.eval.divergence import window_divergence
 from sliderquant.eval.perplexity import eval_windows, perplexity_from_nlls, window_nlls
+from sliderquant.eval.zeroshot_data import TASKS as ZEROSHOT_TASKS
 from sliderquant.export.source import ExportError, ExportResult, QuantizedRun
 from sliderquant.fold import fold_layers, install_activation_quantization
 from sliderquant.models.adapters import (
@@ -43,7 +45,7 @@ from sliderquant.models.adapters import (
     UnsupportedModelError,
 )
 from sliderquant.models.embedded import EMBEDDED, cache_dir, embedded_gguf
-from sliderquant.models.loading import LoadedModel, ModelLoadError, load_model
+from sliderquant.models.loading import STORIES, LoadedModel, ModelLoadError, load_model
 from sliderquant.quant.layer import PROJECTIONS, LayerQuantSpec, QuantDecoderLayer
 from sliderquant.rotation import rotate_model
 
@@ -57,9 +59,14 @@ class RunFolderError(RuntimeError):
     """The output folder's state does not allow this run (finished run, partial run, …)."""
 
 
+class MissingExtraError(ImportError):
+    """An optional dependency (an extra of the sliderquant package) is not installed."""
+
+
 # Errors caused by the user's input or environment: the CLI prints them without a traceback.
 USER_ERRORS = (ConfigError, DataError, CheckpointError, RunFolderError, ModelLoadError,
-               UnsupportedModelError, ContextLengthError, NonFiniteLossError, ExportError)
+               UnsupportedModelError, ContextLengthError, NonFiniteLossError, ExportError,
+               MissingExtraError)
 EXPORT_FORMATS = ("gguf", "packed")
 
 
@@ -252,6 +259,27 @@ def load(ref: str, data_dir: str | os.PathLike | None = None,
     return load_model(ref, resolve_data_root(data_dir), dtype, trust_remote_code)
 
 
+def loadable_ref(ref: str) -> str:
+    """`ref` as `load` can resolve it again from any working directory (paths made absolute;
+    model names and hub ids unchanged). Recorded as `model_ref` in a run's record."""
+    if ref in EMBEDDED or ref.lower() == STORIES:  # names win over same-named folders
+        return ref
+    path = Path(ref).expanduser()
+    return str(path.resolve()) if path.exists() else ref
+
+
+def source_model(run: dict, data_dir: str | os.PathLike | None = None,
+                 dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """The unquantized model a run record was made from (its `model_ref`)."""
+    ref = run.get("model_ref")
+    if ref is None:  # records written before model_ref: "<name> (embedded default)" or a path
+        ref = run.get("model", "").removesuffix(" (embedded default)")
+        if not ref:
+            raise RunFolderError("the run record does not name its source model; pass the "
+                                 "unquantized model as the reference")
+    return load(ref, data_dir, dtype)
+
+
 def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Reload a finished run folder for evaluation or generation."""
     path = Path(path)
@@ -339,19 +367,72 @@ def evaluate_perplexity(
     max_windows: int | None = None,
     data_dir: str | os.PathLike | None = None,
     show_progress: bool = True,
+    reference: torch.nn.Module | None = None,
 ) -> dict:
-    """Perplexity per dataset: {name: {"ppl", "windows", "seqlen", "seconds"}}."""
+    """Perplexity per dataset: {name: {"ppl", "windows", "seqlen", "seconds"}}.
+
+    With a `reference` model (the FP model `model` was quantized from, same tokenizer), each
+    dataset also gets "reference_ppl", "kl" (mean KL(reference ‖ model) per token, nats) and
+    "top1_agreement", from both models run on the same windows (see eval/divergence.py).
+    """
     data_root = resolve_data_root(data_dir)
     adapter = DecoderAdapter(model)
     adapter.check_context(seqlen)
+    if reference is not None:
+        DecoderAdapter(reference).check_context(seqlen)
+        if reference.config.vocab_size != model.config.vocab_size:
+            raise ConfigError(f"the reference model's vocabulary ({reference.config.vocab_size}"
+                              f") differs from the model's ({model.config.vocab_size}); KL "
+                              "needs the model it was quantized from")
     results = {}
     for name in datasets:
         t = time.perf_counter()
         windows = eval_windows(name, tokenizer, seqlen, max_windows, data_root)
-        nlls = window_nlls(model, windows, desc=name, show_progress=show_progress)
-        results[name] = {"ppl": perplexity_from_nlls(nlls), "windows": len(nlls),
-                         "seqlen": seqlen, "seconds": round(time.perf_counter() - t, 1)}
+        if reference is None:
+            nlls = window_nlls(model, windows, desc=name, show_progress=show_progress)
+            results[name] = {"ppl": perplexity_from_nlls(nlls)}
+        else:
+            results[name] = window_divergence(model, reference, windows, desc=f"{name} kl",
+                                              show_progress=show_progress)
+            del results[name]["positions"]
+        results[name].update(windows=len(windows), seqlen=seqlen,
+                             seconds=round(time.perf_counter() - t, 1))
     return results
+
+
+def evaluate_zeroshot(
+    model: torch.nn.Module,
+    tokenizer,
+    tasks: tuple[str, ...] = ZEROSHOT_TASKS,
+    limit: int | None = None,
+    data_dir: str | os.PathLike | None = None,
+    show_progress: bool = True,
+    batch_tokens: int = 4096,
+) -> dict:
+    """Zero-shot accuracy through lm-eval (needs the `eval` extra): {task: {"metric"
+    (acc_norm where the task has it, else acc), "value", "stderr", "n" (items scored),
+    "n_available", "limit", "metrics" (all), "source" (local file or hub dataset)}}.
+
+    `limit` scores the first N items of each task. With a data root the tasks read its
+    `zeroshot/` copies (see eval/zeroshot_data.py), otherwise lm-eval's hub datasets.
+    """
+    unknown = [t for t in tasks if t not in ZEROSHOT_TASKS]
+    if unknown:
+        raise ConfigError(f"unknown zero-shot task(s) {unknown}; available: "
+                          f"{', '.join(ZEROSHOT_TASKS)}")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit must be a positive number of items (got {limit})")
+    data_root = resolve_data_root(data_dir)
+    try:
+        from sliderquant.eval.zeroshot import run_tasks
+    except (ImportError, AttributeError) as e:  # absent, or a version that breaks on import
+        raise MissingExtraError(
+            f"zero-shot tasks need the lm-eval version pinned in the `eval` extra (import "
+            f"failed: {e}); install it with: pip install 'sliderquant[eval]' (pip install -e "
+            "'.[eval]' in a checkout)") from e
+    DecoderAdapter(model)
+    return run_tasks(model, tokenizer, tuple(tasks), limit, data_root, batch_tokens,
+                     show_progress)
 
 
 def fp_reference(

@@ -14,7 +14,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="smollm2-135m (embedded default), stories260k (data root), a "
                    ".gguf file, a llama2.c .bin, a Hugging Face folder or hub id, or (eval) a "
                    "sliderquant run folder")
-    p.add_argument("--data-dir", help="data root with wikitext2/ and c4/ (default: "
+    p.add_argument("--data-dir", help="data root with wikitext2/, c4/ and zeroshot/ (default: "
                    "$SLIDERQUANT_DATA, else the Hugging Face hub)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="dtype to load and save the model in (default float32)")
@@ -23,10 +23,15 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def add_perplexity_arguments(p: argparse.ArgumentParser, default_tasks: str) -> None:
-    """Which evaluation sets, at which window length, how many windows."""
+def add_perplexity_arguments(p: argparse.ArgumentParser, default_tasks: str,
+                             zeroshot: bool = False) -> None:
+    """Which evaluation sets (with `zeroshot`, also lm-eval's tasks), at which window length,
+    how many windows."""
+    names = ("wikitext2, c4 (perplexity), piqa, arc_easy, arc_challenge, hellaswag, "
+             "winogrande, boolq (zero-shot through lm-eval), zeroshot (all six)" if zeroshot
+             else "wikitext2, c4")
     p.add_argument("--tasks", default=default_tasks,
-                   help=f"comma-separated: wikitext2, c4, or none (default {default_tasks})")
+                   help=f"comma-separated: {names}, or none (default {default_tasks})")
     p.add_argument("--eval-seqlen", type=int, default=2048,
                    help="perplexity window length (default 2048)")
     p.add_argument("--eval-windows", type=int, default=None,
@@ -34,16 +39,24 @@ def add_perplexity_arguments(p: argparse.ArgumentParser, default_tasks: str) -> 
                         "WikiText-2 test ~150 and C4 256 windows at 2048)")
 
 
-def parse_tasks(text: str) -> tuple[str, ...]:
+def parse_tasks(text: str, zeroshot: bool = False) -> tuple[str, ...]:
+    """Task names from a comma-separated list: the perplexity sets, and with `zeroshot` also
+    the lm-eval tasks (`zeroshot` alone stands for all six); `none` is the empty list."""
     from sliderquant.eval.perplexity import DATASETS
+    from sliderquant.eval.zeroshot_data import TASKS
 
     if text.strip().lower() == "none":
         return ()
-    tasks = tuple(t.strip() for t in text.split(",") if t.strip())
-    unknown = [t for t in tasks if t not in DATASETS]
+    tasks: list[str] = []
+    for t in (t.strip() for t in text.split(",") if t.strip()):
+        for name in (TASKS if zeroshot and t == "zeroshot" else (t,)):
+            if name not in tasks:
+                tasks.append(name)
+    available = (*DATASETS, *TASKS, "zeroshot") if zeroshot else DATASETS
+    unknown = [t for t in tasks if t not in available]
     if unknown:
-        raise ConfigError(f"unknown task(s) {unknown}; available: {', '.join(DATASETS)}, none")
-    return tasks
+        raise ConfigError(f"unknown task(s) {unknown}; available: {', '.join(available)}, none")
+    return tuple(tasks)
 
 
 def torch_dtype(name: str):

@@ -13,9 +13,21 @@ def print_perplexity(results: dict, fp: dict | None = None, recorded: dict | Non
         line = f"{name:<10} ppl {r['ppl']:.3f}  ({r['windows']} windows x {r['seqlen']} tokens)"
         if fp and name in fp:
             line += f"   FP {fp[name]['ppl']:.3f}"
+        if "kl" in r:
+            line += (f"   FP {r['reference_ppl']:.3f}   KL(FP||Q) {r['kl']:.4f} nats/token"
+                     f"   top-1 agreement {r['top1_agreement']:.3f}")
         if recorded and name in recorded and recorded[name]["windows"] == r["windows"]:
             line += f"   at quantization time {recorded[name]['ppl']:.3f}"
         print(line)
+
+
+def print_zeroshot(results: dict) -> None:
+    """One line per task: the reported metric ± stderr, how many items, from where."""
+    for name, r in results.items():
+        scored = (f"first {r['n']} of {r['n_available']} items (--limit {r['limit']})"
+                  if r["n"] < r["n_available"] else f"{r['n']} items")
+        print(f"{name:<14} {r['metric']:<8} {r['value']:.4f} ± {r['stderr']:.4f}  "
+              f"({scored}; {r['source']})")
 
 
 def say(args: argparse.Namespace, text: str) -> None:

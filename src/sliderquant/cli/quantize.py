@@ -123,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     result = api.quantize(loaded.model, loaded.tokenizer, config, data_dir=args.data_dir,
                           device=args.device, output_dir=args.out, resume=args.resume,
                           overwrite=args.overwrite, show_progress=not args.quiet)
-    entries = {"model": loaded.source, "model_note": loaded.note}
+    entries = {"model": loaded.source, "model_ref": api.loadable_ref(args.model),
+               "model_note": loaded.note}
     if tasks:
         entries["eval"] = api.evaluate_perplexity(
             result.model, loaded.tokenizer, tasks, args.eval_seqlen, args.eval_windows,
