@@ -100,7 +100,27 @@ def ablation_suite() -> list[Cell]:
     return cells
 
 
-SUITES = {"main": main_suite, "fast-lr": fast_lr_suite, "ablations": ablation_suite}
+def w2_investigation_suite() -> list[Cell]:
+    """Why does SliderQuant not win at W2A16 per-channel? Seed noise, a longer budget, and
+    the same comparison at g64 where the 2-bit model is not destroyed."""
+    cells = []
+    for method in ("fixed", "sliderquant"):
+        for seed in (3, 4):
+            cells.append(Cell(f"seed {seed}/{method}", {"variant": f"seed {seed}",
+                                                        "method": method},
+                              ["--preset", "w2a16", *BUDGET, "--method", method,
+                               "--seed", str(seed)]))
+        cells.append(Cell(f"8 epochs/{method}", {"variant": "8 epochs", "method": method},
+                          ["--preset", "w2a16", *BUDGET, "--method", method, "--epochs", "8"]))
+    for method in ("rtn", "blockwise", "fixed", "sliderquant"):
+        cells.append(Cell(f"g64/{method}", {"variant": "g64", "method": method},
+                          ["--preset", "w2a16", *BUDGET, "--method", method,
+                           "--group-size", "64"]))
+    return cells
+
+
+SUITES = {"main": main_suite, "w2-investigation": w2_investigation_suite,
+          "fast-lr": fast_lr_suite, "ablations": ablation_suite}
 
 
 def run_cell(cell: Cell, data_dir: str) -> dict:
