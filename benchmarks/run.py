@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
+from sliderquant.atomic import write_text
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results"
 MODEL = "smollm2-135m"
@@ -144,6 +146,9 @@ def run_cell(cell: Cell, data_dir: str) -> dict:
         "quantize_s": round(record["timings"]["total_s"], 1),
         "process_s": round(wall, 1),
         "peak_rss_mb": record["peak_rss_mb"],
+        # Wall times are only comparable between cells run on an equally quiet machine.
+        "load_average_after": round(os.getloadavg()[0], 1),
+        "date": date.today().isoformat(),
         "config": record["config"],
         "final_window_losses": [w["epoch_losses"][-1] for w in record["windows"]
                                 if w["epoch_losses"]][-3:],
@@ -207,9 +212,12 @@ def main() -> int:
         if cell.key in results and "ppl" in results[cell.key] and not args.rerun:
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {cell.key} ...", flush=True)
-        results[cell.key] = run_cell(cell, args.data_dir)
-        print(f"    {results[cell.key].get('ppl') or results[cell.key].get('error')}", flush=True)
-        path.write_text(json.dumps(results, indent=1))
+        result = run_cell(cell, args.data_dir)
+        print(f"    {result.get('ppl') or result.get('error')}", flush=True)
+        # Re-read before writing: another instance may have finished cells of this suite.
+        results = {**(json.loads(path.read_text()) if path.is_file() else {}),
+                   "_meta": results["_meta"], cell.key: result}
+        write_text(path, json.dumps(results, indent=1))
         write_markdown(args.suite, cells, results)
     return 0
 
