@@ -173,19 +173,25 @@ def write_markdown(suite: str, cells: list[Cell], results: dict) -> Path:
     if not rows:
         return path
     label_cols = list(cells[0].label)
-    lines = [f"| {' | '.join(label_cols)} | WikiText-2 | C4 | quantize s | peak RSS MiB |",
-             "|" + "---|" * (len(label_cols) + 4)]
+    lines = [f"| {' | '.join(label_cols)} | WikiText-2 | C4 | final MSE | quantize s | "
+             "peak RSS MiB |", "|" + "---|" * (len(label_cols) + 5)]
     fp = next(iter(results[r.key]["fp_ppl"] for r in rows if results[r.key]["fp_ppl"]), None)
     if fp:
         lines.append(f"| {' | '.join(['FP'] + [''] * (len(label_cols) - 1))} | "
-                     f"{fp['wikitext2']:.2f} | {fp['c4']:.2f} | - | - |")
+                     f"{fp['wikitext2']:.2f} | {fp['c4']:.2f} | - | - | - |")
     for c in rows:
         r = results[c.key]
+        final = f"{r['final_window_losses'][-1]:.1f}" if r["final_window_losses"] else "-"
         lines.append(f"| {' | '.join(str(c.label[k]) for k in label_cols)} | "
-                     f"{r['ppl']['wikitext2']:.2f} | {r['ppl']['c4']:.2f} | "
+                     f"{r['ppl']['wikitext2']:.2f} | {r['ppl']['c4']:.2f} | {final} | "
                      f"{r['quantize_s']:.0f} | {r['peak_rss_mb']:.0f} |")
     meta = results.get("_meta", {})
-    lines += ["", f"Machine: {meta.get('machine')}. Date: {meta.get('date')}.",
+    lines += ["", "final MSE: the training loss of the last window in its last epoch, i.e. "
+              "the mean squared error of the last decoder layer's output against the FP "
+              "model on the calibration windows (the quantity every learned method "
+              "minimises; same target for all methods). quantize s: wall time of the "
+              "quantization on a shared 2-core machine (see the notes on timing).", "",
+              f"Machine: {meta.get('machine')}. Date: {meta.get('date')}.",
               f"Command: `python benchmarks/run.py {suite} --data-dir DATA` "
               f"(each cell: `{rows[0] and results[rows[0].key]['command']}` with its own "
               "flags)."]
@@ -199,8 +205,14 @@ def main() -> int:
     parser.add_argument("--data-dir", required=True, help="data root (wikitext2/, c4/)")
     parser.add_argument("--only", help="run only cells whose key contains this text")
     parser.add_argument("--rerun", action="store_true", help="rerun finished cells")
+    parser.add_argument("--table", action="store_true",
+                        help="only rewrite the markdown table from the JSON")
     args = parser.parse_args()
     cells = SUITES[args.suite]()
+    if args.table:
+        write_markdown(args.suite, cells, json.loads((RESULTS / f"{args.suite}.json")
+                                                     .read_text()))
+        return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{args.suite}.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
