@@ -7,17 +7,14 @@
 Reads WORK/fp (the FP transformers folder) and WORK/inputs.pt (calibration ids and
 evaluation windows, written by prepare.py). Writes OUT as a plain transformers folder whose
 linear weights are the peer's dequantized (fake-quantized) weights, and OUT/peer.json with
-the quantize wall time, the process's peak RSS and the library versions. With --abits 4 the
-activation quantization cannot travel in a plain folder, so the model is scored here on the
-same windows with the same loop as `sliderquant eval` and the perplexities go in peer.json.
-Imports nothing from sliderquant: the peers pin their own transformers.
+the quantize wall time, the process's peak RSS and the library versions. Imports nothing from
+sliderquant: the peers pin their own transformers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
 import shutil
 import time
@@ -25,7 +22,6 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,8 +75,7 @@ def quantize_gptq(model: torch.nn.Module, calib: torch.Tensor,
         # GPTQ leaves the dequantized weight in place; re-applying the grid is idempotent and
         # guarantees that what we save is exactly on it.
         m.weight.data = fake_quantize(m.weight.data, m.weight_scale, m.weight_zero_point,
-                                      m.quantization_scheme.weights,
-                                      getattr(m, "weight_g_idx", None))
+                                      m.quantization_scheme.weights)
     return {"modifier": modifier.model_dump(exclude={"config_groups"}, mode="json"),
             "weights": weights.model_dump(mode="json")}
 
@@ -93,24 +88,10 @@ def quantize_autoround(model: torch.nn.Module, tokenizer, calib: torch.Tensor,
     options = dict(bits=args.wbits, group_size=args.group_size or -1, sym=False,
                    iters=args.iters, nsamples=calib.shape[0], seqlen=calib.shape[1],
                    batch_size=args.batch_size)
-    if args.abits < 16:
-        options.update(act_bits=args.abits)
-    layer_config = {n: {"bits": args.wbits} for n in linear_names(model)}
     ar = AutoRound(model, tokenizer, dataset=[row.unsqueeze(0) for row in calib],
-                   device_map="cpu", layer_config=layer_config, **options)
+                   device_map="cpu", **options)
     ar.quantize()
     return {"options": options}
-
-
-@torch.no_grad()
-def perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:
-    """exp(mean of per-window mean next-token NLL): the loop of sliderquant's evaluator."""
-    nlls = []
-    for row in windows:
-        ids = row.unsqueeze(0)
-        logits = model(input_ids=ids, use_cache=False).logits
-        nlls.append(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:]).item())
-    return math.exp(sum(nlls) / len(nlls))
 
 
 def check_grid(model: torch.nn.Module, wbits: int, group_size: int | None) -> None:
@@ -142,7 +123,6 @@ def main() -> None:
     ap.add_argument("peer", choices=PEERS)
     ap.add_argument("--wbits", type=int, required=True)
     ap.add_argument("--group-size", type=int, default=None, help="default: per channel")
-    ap.add_argument("--abits", type=int, default=16)
     ap.add_argument("--iters", type=int, default=50, help="auto-round tuning steps per block")
     ap.add_argument("--batch-size", type=int, default=8, help="auto-round batch size")
     ap.add_argument("--work", type=Path, required=True)
@@ -169,8 +149,6 @@ def main() -> None:
         "versions": {d: version(d) for d in (DISTS[args.peer], "torch", "transformers")},
         "calib": f"{inputs['calib_source']}, {list(inputs['calib'].shape)} token ids",
     }
-    if args.abits < 16:
-        record["ppl"] = {task: perplexity(model, w) for task, w in inputs["eval"].items()}
     (args.out / "peer.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(record))
 
