@@ -61,6 +61,8 @@ def cells() -> list[Cell]:
     return out
 
 
+UNFINISHED = ("not finished by the deadline (the niced job got ~4% of a core on the shared "
+              "2-core machine)")
 # Cells of the brief that the scripts do not run, and why (shown in the table).
 NOT_RUN = {
     ("W4A4 (INT4 scheme, no rotation)", "autoround"):
@@ -97,6 +99,15 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
         shutil.rmtree(out.parent, ignore_errors=True)
 
 
+def installed(venv: Path) -> list[str]:
+    """`name version` of the packages that matter, read from the venv's dist-info folders."""
+    wanted = ("auto_round", "hqq", "llmcompressor", "compressed_tensors", "torch",
+              "transformers")
+    found = (d.name.removesuffix(".dist-info").rsplit("-", 1)
+             for d in venv.glob("lib/python*/site-packages/*.dist-info"))
+    return sorted(f"{name} {ver}" for name, ver in found if name in wanted)
+
+
 def _show(cmd: list[str], out: Path) -> str:
     return " ".join(cmd).replace(str(out), "OUT").replace(str(REPO) + "/", "")
 
@@ -113,9 +124,12 @@ def write_markdown(results: dict) -> Path:
         ours = OURS.get(cell.setting)
         ours_s = f"{ours[0]:.2f} / {ours[1]:.2f}" if ours else "-"
         if r is None or "ppl" not in r:
-            reason = (r["error"].splitlines()[-1][:150] if r else
-                      "no CPU time left before the deadline (shared 2-core machine)")
-            lines.append(f"| {cell.setting} | {cell.peer} | not run: {reason} | | | | "
+            r = r or {}
+            reason = (r["error"].splitlines()[-1][:150] if "error" in r else
+                      f"evaluation {UNFINISHED}" if "quantize_s" in r else UNFINISHED)
+            done = (f"{r['quantize_s']:.0f} | {r['peak_rss_mb']:.0f}" if "quantize_s" in r
+                    else " | ")
+            lines.append(f"| {cell.setting} | {cell.peer} | not run: {reason} | | {done} | "
                          f"{ours_s} |")
             continue
         lines.append(f"| {cell.setting} | {cell.peer} | {r['ppl']['wikitext2']:.2f} | "
@@ -123,8 +137,6 @@ def write_markdown(results: dict) -> Path:
                      f"{ours_s} |")
     lines += [f"| {setting} | {peer} | not run: {why} | | | | |"
               for (setting, peer), why in NOT_RUN.items()]
-    versions = sorted({f"{k} {v}" for key, r in results.items() if key != "_meta"
-                       for k, v in r.get("versions", {}).items()})
     lines += [
         "",
         f"Command: `PYTHONPATH=src python benchmarks/peers/run.py --data-dir DATA --work WORK "
@@ -138,7 +150,8 @@ def write_markdown(results: dict) -> Path:
         f"Budget: hqq none (no calibration); GPTQ one pass, default dampening; auto-round "
         f"{AUTOROUND_ITERS} iterations per block (default 200), batch 8. All asymmetric "
         "(as sliderquant); projections only, embeddings and lm_head FP.",
-        f"Versions: {', '.join(versions)}.",
+        "Versions: " + "; ".join(f"{venv}: {', '.join(v)}"
+                                 for venv, v in meta["versions"].items()) + ".",
         "sliderquant column: our --fast numbers from main.md; RTN W4A16 per-channel "
         f"{OURS_RTN['W4A16 per-channel'][0]:.2f} / {OURS_RTN['W4A16 per-channel'][1]:.2f}.",
     ]
@@ -153,13 +166,16 @@ def main() -> None:
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--work", type=Path, required=True, help="prepare.py's output")
     ap.add_argument("--venvs", type=Path, required=True, help="folder of the peer venvs")
-    ap.add_argument("--only", help="run only cells whose key contains this text")
+    ap.add_argument("--only", help="run only cells whose key contains this text "
+                    "(one that matches none just rewrites the table)")
     ap.add_argument("--rerun", action="store_true", help="rerun finished cells")
     args = ap.parse_args()
     path = RESULTS / "peers.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     results["_meta"] = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-                        "date": str(date.today())}
+                        "date": str(date.today()),
+                        "versions": {v: installed(args.venvs / v)
+                                     for v in sorted(set(VENV.values()))}}
     for cell in cells():
         if args.only and args.only not in cell.key:
             continue
@@ -173,8 +189,10 @@ def main() -> None:
                    "_meta": results["_meta"], cell.key: record}
         path.write_text(json.dumps(results, indent=1))
         write_markdown(results)
-    if path.is_file():
-        write_markdown(json.loads(path.read_text()))
+    results = {**(json.loads(path.read_text()) if path.is_file() else {}),
+               "_meta": results["_meta"]}
+    path.write_text(json.dumps(results, indent=1))
+    write_markdown(results)
 
 
 if __name__ == "__main__":
