@@ -7,8 +7,8 @@
 Reads WORK/fp (the FP transformers folder) and WORK/inputs.pt (calibration ids and
 evaluation windows, written by prepare.py). Writes OUT as a plain transformers folder whose
 linear weights are the peer's dequantized (fake-quantized) weights, and OUT/peer.json with
-the quantize wall time, the process's peak RSS and the library versions. Imports nothing from
-sliderquant: the peers pin their own transformers.
+the quantize wall and CPU time, the process's peak RSS and the library versions. Imports
+nothing from sliderquant: the peers pin their own transformers.
 """
 
 from __future__ import annotations
@@ -133,18 +133,19 @@ def main() -> None:
     inputs = torch.load(args.work / "inputs.pt")
     model = AutoModelForCausalLM.from_pretrained(args.work / "fp", dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.work / "fp")
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     if args.peer == "hqq":
         settings = quantize_hqq(model, args)
     elif args.peer == "gptq":
         settings = quantize_gptq(model, inputs["calib"], args)
     else:
         settings = quantize_autoround(model, tokenizer, inputs["calib"], args)
-    quantize_s = time.perf_counter() - began
+    quantize_s, quantize_cpu_s = time.perf_counter() - began, time.process_time() - cpu
     check_grid(model, args.wbits, args.group_size)
     save_plain(model, args.work / "fp", args.out)
     record = {
         "peer": DISTS[args.peer], "settings": settings, "quantize_s": round(quantize_s, 1),
+        "quantize_cpu_s": round(quantize_cpu_s, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "versions": {d: version(d) for d in (DISTS[args.peer], "torch", "transformers")},
         "calib": f"{inputs['calib_source']}, {list(inputs['calib'].shape)} token ids",
