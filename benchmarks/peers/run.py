@@ -125,7 +125,8 @@ def write_markdown(results: dict) -> Path:
         ours_s = f"{ours[0]:.2f} / {ours[1]:.2f}" if ours else "-"
         if r is None or "ppl" not in r:
             r = r or {}
-            reason = (r["error"].splitlines()[-1][:150] if "error" in r else
+            reason = (r["note"] if "note" in r else
+                      r["error"].splitlines()[-1][:150] if "error" in r else
                       f"evaluation {UNFINISHED}" if "quantize_s" in r else UNFINISHED)
             done = (f"{r['quantize_s']:.0f} | {r['peak_rss_mb']:.0f}" if "quantize_s" in r
                     else " | ")
