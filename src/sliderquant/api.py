@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from sliderquant import __version__
 from sliderquant.atomic import write_text
 from sliderquant.checkpoint import CheckpointError, CheckpointStore
-from sliderquant.config import ConfigError, QuantConfig
+from sliderquant.config import AUTO_SCHEDULE, ConfigError, QuantConfig
 from sliderquant.data import (
     DataError,
     calibration_text,
@@ -48,6 +48,13 @@ from sliderquant.models.embedded import EMBEDDED, cache_dir, embedded_gguf
 from sliderquant.models.loading import STORIES, LoadedModel, ModelLoadError, load_model
 from sliderquant.quant.layer import PROJECTIONS, LayerQuantSpec, QuantDecoderLayer
 from sliderquant.rotation import rotate_model
+from sliderquant.sensitivity import (
+    DEFAULT_THRESHOLD,
+    Progress,
+    resolve_auto_schedule,
+    scan,
+    suggest_depths,
+)
 
 RUN_FILE = "sliderquant.json"
 GRID_FILE = "quantization.safetensors"  # per-projection step and zero of the weight grid
@@ -159,6 +166,12 @@ def quantize(
         rotation = rotate_model(adapter, config.seed, config.center_embeddings)
         timings["rotation_s"] = time.perf_counter() - t
 
+    auto = None
+    if config.schedule == AUTO_SCHEDULE:
+        t = time.perf_counter()
+        config, auto = resolve_auto_schedule(model, config, ids)
+        timings["auto_schedule_s"] = time.perf_counter() - t
+
     spec = LayerQuantSpec(
         wbits=config.wbits, abits=config.abits, group_size=config.group_size,
         lora_rank=config.lora_rank if config.trains else 0,
@@ -198,6 +211,7 @@ def quantize(
         "effective_learning_rates": config.learning_rates,
         "schedule": schedule,
         "rotation": rotation,
+        "auto_schedule": auto,
         "calibration": {"source": config.calib, "nsamples": int(ids.shape[0]),
                         "seqlen": int(ids.shape[1]), "seed": config.seed,
                         "tokens": int(ids.numel())},
@@ -433,6 +447,60 @@ def evaluate_zeroshot(
     DecoderAdapter(model)
     return run_tasks(model, tokenizer, tuple(tasks), limit, data_root, batch_tokens,
                      show_progress)
+
+
+def sensitivity(
+    model: torch.nn.Module,
+    tokenizer,
+    configs: list[QuantConfig],
+    dataset: str = "wikitext2",
+    seqlen: int = 512,
+    max_windows: int | None = 4,
+    data_dir: str | os.PathLike | None = None,
+    prefix: bool = True,
+    k: float = DEFAULT_THRESHOLD,
+    device: str | torch.device | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Layer sensitivity scans (see sensitivity.py), one per config (method), on the first
+    `max_windows` `seqlen`-token windows of `dataset`, plus the shallow/deep suggestion from
+    the first config's per-layer scan. The model ends with its FP weights.
+
+    `progress(what, done, total)` is called after the FP evaluation and every measurement.
+    """
+    data_root = resolve_data_root(data_dir)
+    adapter = DecoderAdapter(model)
+    adapter.check_context(seqlen)
+    for config in configs:
+        _check_group_size(adapter, config)
+    began = time.perf_counter()
+    windows = eval_windows(dataset, tokenizer, seqlen, max_windows, data_root)
+    per_scan = adapter.num_layers * (2 if prefix else 1)
+    total = 1 + per_scan * len(configs)
+    fp = perplexity_from_nlls(window_nlls(model, windows, show_progress=False))
+    if progress:
+        progress("FP", 1, total)
+    scans = {}
+    for n, config in enumerate(configs):
+        calib = calibration_ids(tokenizer, config, data_root) if config.trains else None
+        offset = 1 + n * per_scan
+        scans[config.method] = asdict(scan(
+            model, windows, config, calib, prefix, torch.device(device or "cpu"),
+            progress and (lambda what, done, _, o=offset: progress(what, o + done, total))))
+    first = configs[0]
+    choice = suggest_depths(scans[first.method]["per_layer"], fp, k)
+    return {
+        "sliderquant_version": __version__,
+        "wbits": first.wbits, "abits": first.abits, "group_size": first.group_size,
+        "quantize_attention": first.quantize_attention,
+        "dataset": dataset, "seqlen": seqlen, "windows": int(windows.shape[0]),
+        "num_layers": adapter.num_layers, "fp_ppl": fp,
+        "configs": {c.method: c.to_dict() for c in configs},
+        "scans": scans,
+        "suggestion": {"method": first.method, "k": k, **asdict(choice)},
+        "seconds": round(time.perf_counter() - began, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def fp_reference(

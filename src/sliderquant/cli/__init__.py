@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sliderquant.cli import evaluate, export, quantize, schedule
+from sliderquant.cli import evaluate, export, quantize, schedule, sensitivity
 
-COMMANDS = (quantize, evaluate, export, schedule)
+COMMANDS = (quantize, evaluate, export, schedule, sensitivity)
 
 
 def build_parser() -> argparse.ArgumentParser:
