@@ -47,6 +47,7 @@ from sliderquant.models.adapters import (
 from sliderquant.models.embedded import EMBEDDED, cache_dir, embedded_gguf
 from sliderquant.models.loading import STORIES, LoadedModel, ModelLoadError, load_model
 from sliderquant.quant.layer import PROJECTIONS, LayerQuantSpec, QuantDecoderLayer
+from sliderquant.ranges import RANGE_PROJECTIONS, activation_ranges, weight_ranges
 from sliderquant.rotation import rotate_model
 from sliderquant.sensitivity import (
     DEFAULT_THRESHOLD,
@@ -294,12 +295,21 @@ def source_model(run: dict, data_dir: str | os.PathLike | None = None,
     return load(ref, data_dir, dtype)
 
 
+def read_run_record(path: str | os.PathLike) -> dict:
+    """The `sliderquant.json` of a finished run folder."""
+    file = Path(path) / RUN_FILE
+    if not file.is_file():
+        raise RunFolderError(f"{path} is not a finished sliderquant run (no {RUN_FILE})")
+    run = json.loads(file.read_text())
+    if run.get("format") != RUN_FORMAT:
+        raise RunFolderError(f"{path} was written by an incompatible sliderquant version")
+    return run
+
+
 def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Reload a finished run folder for evaluation or generation."""
     path = Path(path)
-    run = json.loads((path / RUN_FILE).read_text())
-    if run.get("format") != RUN_FORMAT:
-        raise RunFolderError(f"{path} was written by an incompatible sliderquant version")
+    run = read_run_record(path)
     loaded = load_model(str(path), None, dtype)
     config = QuantConfig.from_dict(run["config"])
     install_activation_quantization(DecoderAdapter(loaded.model), config.abits,
@@ -501,6 +511,41 @@ def sensitivity(
         "seconds": round(time.perf_counter() - began, 1),
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def ranges(
+    run_dir: str | os.PathLike,
+    data_dir: str | os.PathLike | None = None,
+    windows: int = 2,
+    seqlen: int = 512,
+    calib: str | None = None,
+) -> dict[int, dict[str, dict[str, tuple[list[float], list[float]]]]]:
+    """Weight and activation ranges (see ranges.py) of the first, a middle and the last
+    layer, in the run's source FP model and in the run's quantized model:
+    {layer: {projection: {"weight": (before, after), "activation": (before, after)}}}.
+
+    Activations come from `windows` calibration windows of `seqlen` tokens drawn like the
+    run's own (its calibration source and seed; `calib` overrides the source)."""
+    run = read_run_record(run_dir)
+    quantized = load_quantized(run_dir)
+    source = source_model(run, data_dir)
+    config = QuantConfig.from_dict(run["config"])
+    source_name = calib or run["calibration"]["source"]
+    if source_name == "tensor":
+        raise ConfigError("the run was calibrated on a tensor of ids; name calibration data "
+                          "with --calib")
+    config = QuantConfig.from_dict({**config.to_dict(), "calib": source_name,
+                                    "nsamples": windows, "seqlen": seqlen})
+    ids = calibration_ids(source.tokenizer, config, resolve_data_root(data_dir))
+    L = DecoderAdapter(source.model).num_layers
+    layers = sorted({0, L // 2, L - 1})
+    acts = {name: activation_ranges(m.model, layers, ids)
+            for name, m in (("before", source), ("after", quantized))}
+    return {i: {p: {"weight": (weight_ranges(source.model, i, p),
+                               weight_ranges(quantized.model, i, p)),
+                    "activation": (acts["before"][i, p], acts["after"][i, p])}
+                for p in RANGE_PROJECTIONS}
+            for i in layers}
 
 
 def fp_reference(
