@@ -535,7 +535,7 @@ def ranges(
         raise ConfigError("the run was calibrated on a tensor of ids; name calibration data "
                           "with --calib")
     config = QuantConfig.from_dict({**config.to_dict(), "calib": source_name,
-                                    "nsamples": windows, "seqlen": seqlen})
+                                    "nsamples": windows, "seqlen": seqlen, "batch_size": 1})
     ids = calibration_ids(source.tokenizer, config, resolve_data_root(data_dir))
     L = DecoderAdapter(source.model).num_layers
     layers = sorted({0, L // 2, L - 1})

@@ -82,24 +82,28 @@ def ranges(data: dict, path: str | Path, title: str) -> Path:
 
 
 def training(windows: list[dict], num_layers: int, path: str | Path, title: str) -> Path:
-    """Left: each unit's loss per epoch (one line per window; stages in sequence). Right:
-    the schedule — one column per window, its layers filled with the loss it ended at."""
+    """Left: every epoch's loss in training order (one segment per window, coloured by
+    window index; dotted lines between intra-layer stages). Right: the schedule — one column
+    per window, its layers filled with the loss it ended at."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8),
                                       gridspec_kw={"width_ratios": [1, 1.3]})
     stages = sorted({w["stage"] for w in windows})
     count = max(w["window"] for w in windows) + 1
     cmap = plt.get_cmap("viridis")
+    x, stage = 0, windows[0]["stage"]
     for w in windows:
         losses = w["epoch_losses"]
-        if not losses:
-            continue
-        offset = stages.index(w["stage"]) * (len(losses) + 1)
-        left.plot(range(offset + 1, offset + len(losses) + 1), losses,
-                  color=cmap(w["window"] / max(count - 1, 1)), linewidth=1, marker=".")
+        if w["stage"] != stage:
+            left.axvline(x + 0.5, color="gray", linestyle=":", linewidth=1)
+            stage = w["stage"]
+        left.plot(range(x + 1, x + len(losses) + 1), losses, linewidth=1, marker=".",
+                  color=cmap(w["window"] / max(count - 1, 1)))
+        x += len(losses)
     left.set_yscale("log")
-    left.set_xlabel("epoch" + (" (stages side by side)" if len(stages) > 1 else ""))
+    left.set_xlabel("epoch, in training order (window after window"
+                    + (f"; {len(stages)} stages" if len(stages) > 1 else "") + ")")
     left.set_ylabel("window MSE loss")
-    left.set_title("per-window training loss (colour = window index)")
+    left.set_title("training loss (colour = window index)")
     left.grid(alpha=0.3)
     final = {w["window"]: w["epoch_losses"][-1] for w in windows
              if w["stage"] == stages[-1] and w["epoch_losses"]}
