@@ -88,6 +88,7 @@ def test_schedule_auto_resolves_before_training_and_is_recorded(tmp_path):
     assert (tmp_path / "run" / "figures" / "report.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_sensitivity_ranges_and_report_commands(data_root, tmp_path, capsys):
     out = tmp_path / "sens"
     assert main(["sensitivity", "stories260k", "--data-dir", str(data_root), "--wbits", "3",

@@ -469,12 +469,12 @@ def sensitivity(
     data_dir: str | os.PathLike | None = None,
     prefix: bool = True,
     k: float = DEFAULT_THRESHOLD,
-    device: str | torch.device | None = None,
     progress: Progress | None = None,
 ) -> dict:
     """Layer sensitivity scans (see sensitivity.py), one per config (method), on the first
     `max_windows` `seqlen`-token windows of `dataset`, plus the shallow/deep suggestion from
-    the first config's per-layer scan. The model ends with its FP weights.
+    the first config's per-layer scan, on the model's device. The model ends with its FP
+    weights.
 
     `progress(what, done, total)` is called after the FP evaluation and every measurement.
     """
@@ -495,7 +495,7 @@ def sensitivity(
         calib = calibration_ids(tokenizer, config, data_root) if config.trains else None
         offset = 1 + n * per_scan
         scans[config.method] = asdict(scan(
-            model, windows, config, calib, prefix, torch.device(device or "cpu"),
+            model, windows, config, calib, prefix,
             progress and (lambda what, done, _, o=offset: progress(what, o + done, total))))
     first = configs[0]
     choice = suggest_depths(scans[first.method]["per_layer"], fp, k)

@@ -71,7 +71,7 @@ def ranges(data: dict, path: str | Path, title: str) -> Path:
             ax.plot(before, linewidth=0.7, label=f"FP (mean {sum(before) / len(before):.3g})")
             ax.plot(after, linewidth=0.7, alpha=0.8,
                     label=f"quantized (mean {sum(after) / len(after):.3g})")
-            ax.set_title(f"{name}: {key} ranges")
+            ax.set_title(f"{name}_proj: {key} ranges")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)

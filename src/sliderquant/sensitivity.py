@@ -62,11 +62,11 @@ class LayerQuantizer:
     """Quantizes spans of a model's layers in place and puts them back exactly."""
 
     def __init__(self, model: torch.nn.Module, config: QuantConfig,
-                 calib: torch.Tensor | None = None, device: torch.device | None = None):
+                 calib: torch.Tensor | None = None):
         self.adapter = DecoderAdapter(model)
         self.config = config
         self.calib = calib
-        self.device = device or torch.device("cpu")
+        self.device = next(model.parameters()).device
         if config.trains and calib is None:
             raise ValueError(f"method {config.method} trains: it needs calibration ids")
         for p in model.parameters():
@@ -146,11 +146,13 @@ class LayerQuantizer:
         generator = torch.Generator().manual_seed(cfg.seed)
         a = self.adapter
         with torch.no_grad():
-            x = torch.cat([a.embed(self.calib[j:j + 1]).float() for j in range(len(self.calib))])
-            cos, sin = a.rotary(x[:1], x.shape[1])
+            x = torch.cat([a.embed(self.calib[j:j + 1].to(self.device)).float().cpu()
+                           for j in range(len(self.calib))])
+            cos, sin = a.rotary(x[:1].to(self.device), x.shape[1])
             for i in range(first):
                 view = QuantDecoderLayer(a.parts(i), spec, generator)
-                x = torch.cat([view(x[j:j + 1], cos, sin) for j in range(len(x))])
+                x = torch.cat([view(x[j:j + 1].to(self.device), cos, sin).cpu()
+                               for j in range(len(x))])
         layers = [QuantDecoderLayer(a.parts(i), spec, generator) for i in range(first, last + 1)]
         Engine(layers, (cos, sin), cfg, self.device, show_progress=False).run(x)
         fold_layers(a, layers, first)
@@ -166,14 +168,14 @@ def scan(
     config: QuantConfig,
     calib: torch.Tensor | None = None,
     prefix: bool = True,
-    device: torch.device | None = None,
     progress: Progress | None = None,
 ) -> Scan:
     """The per-layer scan and (with `prefix`) the prefix scan of one method, perplexity on
-    `windows` [n, T]. The model is returned to its FP weights afterwards."""
+    `windows` [n, T], on the model's device. The model is returned to its FP weights
+    afterwards."""
     began = time.perf_counter()
     result = Scan(config.method)
-    with LayerQuantizer(model, config, calib, device) as q:
+    with LayerQuantizer(model, config, calib) as q:
         L = q.adapter.num_layers
         total = L + (L if prefix else 0)
         for i in range(L):

@@ -13,6 +13,7 @@ from pathlib import Path
 from sliderquant.cli.options import add_model_arguments, torch_dtype
 from sliderquant.cli.printing import say
 from sliderquant.config import METHODS, PRESETS, ConfigError, QuantConfig
+from sliderquant.sensitivity import DEFAULT_THRESHOLD
 
 NAME = "sensitivity"
 HELP = "perplexity when one layer / the first l layers are quantized; suggests shallow/deep"
@@ -46,10 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluation windows per measurement (default 4)")
     p.add_argument("--no-prefix", dest="prefix", action="store_false",
                    help="skip the prefix scan (quantize the first l layers)")
-    p.add_argument("--k", type=float, default=None,
+    p.add_argument("--k", type=float, default=DEFAULT_THRESHOLD,
                    help="a layer is sensitive when its ppl increase exceeds k x the median "
-                        "middle-layer increase (default 2)")
-    p.add_argument("--device", help="cpu or cuda (default cpu)")
+                        f"middle-layer increase (default {DEFAULT_THRESHOLD:g})")
     p.add_argument("--out", type=Path, default=Path("sensitivity"),
                    help="output folder (default ./sensitivity)")
 
@@ -120,10 +120,9 @@ def run(args: argparse.Namespace) -> int:
     say(args, f"scanning {loaded.source}: {', '.join(c.method for c in configs)} "
               f"W{args.wbits}A{args.abits}, {args.eval_windows} x {args.eval_seqlen} tokens "
               f"of {args.dataset} per measurement")
-    k = {"k": args.k} if args.k is not None else {}
     result = api.sensitivity(loaded.model, loaded.tokenizer, configs, args.dataset,
                              args.eval_seqlen, args.eval_windows, args.data_dir, args.prefix,
-                             device=args.device, progress=progress, **k)
+                             args.k, progress)
     command = "sliderquant " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result.update(model=loaded.source, command=command,
                   date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
