@@ -110,11 +110,16 @@ def run(args: argparse.Namespace) -> int:
     if loaded.run is not None:
         raise api.RunFolderError(f"{args.model} is a quantized run; scan the original model")
     began = time.perf_counter()
+    first: list[float] = []  # when the FP evaluation (which also tokenizes the data) ended
 
     def progress(what: str, done: int, total: int) -> None:
-        elapsed = time.perf_counter() - began
-        eta = elapsed / done * (total - done)
-        say(args, f"[{what}] {done}/{total} measurements, {elapsed:.0f} s elapsed, "
+        now = time.perf_counter()
+        if not first:
+            first.append(now)
+            say(args, f"[{what}] {done}/{total} measurements, {now - began:.0f} s elapsed")
+            return
+        eta = (now - first[0]) / (done - 1) * (total - done)
+        say(args, f"[{what}] {done}/{total} measurements, {now - began:.0f} s elapsed, "
                   f"ETA {eta / 60:.1f} min")
 
     say(args, f"scanning {loaded.source}: {', '.join(c.method for c in configs)} "
