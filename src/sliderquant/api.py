@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from sliderquant import __version__
 from sliderquant.atomic import write_text
 from sliderquant.checkpoint import CheckpointError, CheckpointStore
-from sliderquant.config import ConfigError, QuantConfig
+from sliderquant.config import AUTO_SCHEDULE, ConfigError, QuantConfig
 from sliderquant.data import (
     DataError,
     calibration_text,
@@ -47,7 +47,15 @@ from sliderquant.models.adapters import (
 from sliderquant.models.embedded import EMBEDDED, cache_dir, embedded_gguf
 from sliderquant.models.loading import STORIES, LoadedModel, ModelLoadError, load_model
 from sliderquant.quant.layer import PROJECTIONS, LayerQuantSpec, QuantDecoderLayer
+from sliderquant.ranges import RANGE_PROJECTIONS, activation_ranges, weight_ranges
 from sliderquant.rotation import rotate_model
+from sliderquant.sensitivity import (
+    DEFAULT_THRESHOLD,
+    Progress,
+    resolve_auto_schedule,
+    scan,
+    suggest_depths,
+)
 
 RUN_FILE = "sliderquant.json"
 GRID_FILE = "quantization.safetensors"  # per-projection step and zero of the weight grid
@@ -159,6 +167,12 @@ def quantize(
         rotation = rotate_model(adapter, config.seed, config.center_embeddings)
         timings["rotation_s"] = time.perf_counter() - t
 
+    auto = None
+    if config.schedule == AUTO_SCHEDULE:
+        t = time.perf_counter()
+        config, auto = resolve_auto_schedule(model, config, ids)
+        timings["auto_schedule_s"] = time.perf_counter() - t
+
     spec = LayerQuantSpec(
         wbits=config.wbits, abits=config.abits, group_size=config.group_size,
         lora_rank=config.lora_rank if config.trains else 0,
@@ -198,6 +212,7 @@ def quantize(
         "effective_learning_rates": config.learning_rates,
         "schedule": schedule,
         "rotation": rotation,
+        "auto_schedule": auto,
         "calibration": {"source": config.calib, "nsamples": int(ids.shape[0]),
                         "seqlen": int(ids.shape[1]), "seed": config.seed,
                         "tokens": int(ids.numel())},
@@ -280,12 +295,21 @@ def source_model(run: dict, data_dir: str | os.PathLike | None = None,
     return load(ref, data_dir, dtype)
 
 
+def read_run_record(path: str | os.PathLike) -> dict:
+    """The `sliderquant.json` of a finished run folder."""
+    file = Path(path) / RUN_FILE
+    if not file.is_file():
+        raise RunFolderError(f"{path} is not a finished sliderquant run (no {RUN_FILE})")
+    run = json.loads(file.read_text())
+    if run.get("format") != RUN_FORMAT:
+        raise RunFolderError(f"{path} was written by an incompatible sliderquant version")
+    return run
+
+
 def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Reload a finished run folder for evaluation or generation."""
     path = Path(path)
-    run = json.loads((path / RUN_FILE).read_text())
-    if run.get("format") != RUN_FORMAT:
-        raise RunFolderError(f"{path} was written by an incompatible sliderquant version")
+    run = read_run_record(path)
     loaded = load_model(str(path), None, dtype)
     config = QuantConfig.from_dict(run["config"])
     install_activation_quantization(DecoderAdapter(loaded.model), config.abits,
@@ -433,6 +457,95 @@ def evaluate_zeroshot(
     DecoderAdapter(model)
     return run_tasks(model, tokenizer, tuple(tasks), limit, data_root, batch_tokens,
                      show_progress)
+
+
+def sensitivity(
+    model: torch.nn.Module,
+    tokenizer,
+    configs: list[QuantConfig],
+    dataset: str = "wikitext2",
+    seqlen: int = 512,
+    max_windows: int | None = 4,
+    data_dir: str | os.PathLike | None = None,
+    prefix: bool = True,
+    k: float = DEFAULT_THRESHOLD,
+    progress: Progress | None = None,
+) -> dict:
+    """Layer sensitivity scans (see sensitivity.py), one per config (method), on the first
+    `max_windows` `seqlen`-token windows of `dataset`, plus the shallow/deep suggestion from
+    the first config's per-layer scan, on the model's device. The model ends with its FP
+    weights.
+
+    `progress(what, done, total)` is called after the FP evaluation and every measurement.
+    """
+    data_root = resolve_data_root(data_dir)
+    adapter = DecoderAdapter(model)
+    adapter.check_context(seqlen)
+    for config in configs:
+        _check_group_size(adapter, config)
+    began = time.perf_counter()
+    windows = eval_windows(dataset, tokenizer, seqlen, max_windows, data_root)
+    per_scan = adapter.num_layers * (2 if prefix else 1)
+    total = 1 + per_scan * len(configs)
+    fp = perplexity_from_nlls(window_nlls(model, windows, show_progress=False))
+    if progress:
+        progress("FP", 1, total)
+    scans = {}
+    for n, config in enumerate(configs):
+        calib = calibration_ids(tokenizer, config, data_root) if config.trains else None
+        offset = 1 + n * per_scan
+        scans[config.method] = asdict(scan(
+            model, windows, config, calib, prefix,
+            progress and (lambda what, done, _, o=offset: progress(what, o + done, total))))
+    first = configs[0]
+    choice = suggest_depths(scans[first.method]["per_layer"], fp, k)
+    return {
+        "sliderquant_version": __version__,
+        "wbits": first.wbits, "abits": first.abits, "group_size": first.group_size,
+        "quantize_attention": first.quantize_attention,
+        "dataset": dataset, "seqlen": seqlen, "windows": int(windows.shape[0]),
+        "num_layers": adapter.num_layers, "fp_ppl": fp,
+        "configs": {c.method: c.to_dict() for c in configs},
+        "scans": scans,
+        "suggestion": {"method": first.method, "k": k, **asdict(choice)},
+        "seconds": round(time.perf_counter() - began, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def ranges(
+    run_dir: str | os.PathLike,
+    data_dir: str | os.PathLike | None = None,
+    windows: int = 2,
+    seqlen: int = 512,
+    calib: str | None = None,
+) -> dict[int, dict[str, dict[str, tuple[list[float], list[float]]]]]:
+    """Weight and activation ranges (see ranges.py) of the first, a middle and the last
+    layer, in the run's source FP model and in the run's quantized model:
+    {layer: {projection: {"weight": (before, after), "activation": (before, after)}}}.
+
+    Activations come from `windows` calibration windows of `seqlen` tokens drawn like the
+    run's own (its calibration source and seed; `calib` overrides the source)."""
+    run = read_run_record(run_dir)
+    quantized = load_quantized(run_dir)
+    source = source_model(run, data_dir)
+    config = QuantConfig.from_dict(run["config"])
+    source_name = calib or run["calibration"]["source"]
+    if source_name == "tensor":
+        raise ConfigError("the run was calibrated on a tensor of ids; name calibration data "
+                          "with --calib")
+    config = QuantConfig.from_dict({**config.to_dict(), "calib": source_name,
+                                    "nsamples": windows, "seqlen": seqlen, "batch_size": 1})
+    ids = calibration_ids(source.tokenizer, config, resolve_data_root(data_dir))
+    L = DecoderAdapter(source.model).num_layers
+    layers = sorted({0, L // 2, L - 1})
+    acts = {name: activation_ranges(m.model, layers, ids)
+            for name, m in (("before", source), ("after", quantized))}
+    return {i: {p: {"weight": (weight_ranges(source.model, i, p),
+                               weight_ranges(quantized.model, i, p)),
+                    "activation": (acts["before"][i, p], acts["after"][i, p])}
+                for p in RANGE_PROJECTIONS}
+            for i in layers}
 
 
 def fp_reference(

@@ -19,6 +19,7 @@ from sliderquant.quant.quantizer import SUPPORTED_BITS
 
 METHODS = ("sliderquant", "fixed", "blockwise", "rtn")
 INTRA_MODES = ("global_passes", "per_window")
+AUTO_SCHEDULE = "auto"  # shallow/deep chosen by a sensitivity scan before training
 
 
 class ConfigError(ValueError):
@@ -52,7 +53,7 @@ class QuantConfig:
     deep: int = 4
     window_size: int = 2
     stride: int = 1
-    schedule: str | None = None  # explicit inclusive ranges, e.g. "0-0,0-1,1-2"
+    schedule: str | None = None  # explicit inclusive ranges, e.g. "0-0,0-1,1-2", or "auto"
     intra_stages: int = 2
     intra_mode: str = "global_passes"
     # optimisation
@@ -181,6 +182,9 @@ class QuantConfig:
                 raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.lora_rank < 0:
             raise ConfigError("lora_rank must be >= 0 (0 turns LoRA off)")
+        if self.schedule == AUTO_SCHEDULE and self.method != "sliderquant":
+            raise ConfigError("schedule auto picks SliderQuant's shallow/deep depths; use it "
+                              f"with method sliderquant (got {self.method})")
         if self.stride > self.window_size:
             raise ConfigError(f"stride {self.stride} > window_size {self.window_size} would skip "
                               "layers; use stride <= window_size")

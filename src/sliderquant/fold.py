@@ -16,16 +16,17 @@ from sliderquant.quant.runtime import ActQuantLinear, register_attention
 
 @torch.no_grad()
 def fold_layers(
-    adapter: DecoderAdapter, layers: list[QuantDecoderLayer]
+    adapter: DecoderAdapter, layers: list[QuantDecoderLayer], first: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Write every layer's folded weights into the model (in place).
+    """Write every layer's folded weights into the model (in place); `layers` are the
+    model's layers `first`, `first + 1`, … (all of them by default).
 
     Returns the quantization grid of every quantized projection as flat tensors keyed
     `<module path>.step` and `<module path>.zero` (what exporters need to recover the
     integer codes exactly: codes = round(W / step) + zero).
     """
     grids: dict[str, torch.Tensor] = {}
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(layers, start=first):
         folded, layer_grids = layer.folded_weights()  # all computed before anything is written
         for name, grid in layer_grids.items():
             path = adapter.linear_path(i, name)

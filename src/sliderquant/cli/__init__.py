@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sliderquant.cli import evaluate, export, quantize, schedule
+from sliderquant.cli import evaluate, export, quantize, ranges, report, schedule, sensitivity
 
-COMMANDS = (quantize, evaluate, export, schedule)
+COMMANDS = (quantize, evaluate, export, schedule, sensitivity, ranges, report)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,7 +44,8 @@ _CONFIG_FLAGS: list[tuple[str, str, type, str]] = [
     ("--window-size", "window_size", int, "size s of the intermediate fixed windows"),
     ("--stride", "stride", int, "stride i of the intermediate fixed windows"),
     ("--schedule", "schedule", str, "explicit schedule as inclusive ranges, e.g. 0-0,0-1,1-2 "
-     "(overrides the method's schedule)"),
+     "(overrides the method's schedule), or auto: shallow/deep from an RTN sensitivity scan "
+     "on the calibration data (see `sliderquant sensitivity`)"),
     ("--intra-stages", "intra_stages", int, "intra-layer sliding stages N (gamma = 1/N); "
      "1 turns intra-layer sliding off"),
     ("--intra-mode", "intra_mode", str, f"{' | '.join(INTRA_MODES)}: whole-schedule passes "
@@ -137,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
           f"peak RSS {report['peak_rss_mb']:.0f} MiB)")
     if loaded.note:
         print(f"note: {loaded.note}")
+    if report.get("auto_schedule"):
+        print(f"schedule auto: {report['auto_schedule']['reasoning']}")
     print_perplexity(entries.get("eval", {}), fp)
     return 0
 
