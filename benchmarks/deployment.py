@@ -172,9 +172,15 @@ def machine() -> dict:
 
 
 def write(record: dict) -> None:
+    """Write the record, keeping the settings another invocation (--settings) measured."""
     from sliderquant.atomic import write_text
 
     RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "deployment.json"
+    if path.is_file():
+        earlier = json.loads(path.read_text())
+        if earlier.get("method") == record["method"]:
+            record["models"] = {**earlier.get("models", {}), **record["models"]}
     write_text(RESULTS / "deployment.json", json.dumps(record, indent=1))
     write_text(RESULTS / "deployment.md", markdown(record))
 

@@ -88,7 +88,7 @@ def write_markdown(results: dict) -> Path:
     meta = results["_meta"]
     fp = results.get("fp_zeroshot", {}).get("zeroshot")
     q = results.get("w4a16_zeroshot", {}).get("zeroshot")
-    lines = ["# Zero-shot accuracy and KL divergence: SmolLM2-135M-Instruct, FP vs W4A16",
+    lines = ["### Zero-shot accuracy and KL divergence: SmolLM2-135M-Instruct, FP vs W4A16",
              "", f"First {meta['limit']} items of each task (`--limit {meta['limit']}`), "
              "0-shot, lm-eval's prompts and metrics, local data copies (see "
              "[docs/EVALUATION.md](../EVALUATION.md) for which file each task reads). "
