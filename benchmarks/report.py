@@ -54,7 +54,7 @@ def plot_ppl_vs_time() -> Path | None:
         for key, r in json.loads(extra.read_text()).items():
             if not key.startswith("_") and isinstance(r, dict) and "ppl" in r \
                     and r.get("quantize_s"):
-                method, _, setting = key.partition("/")
+                setting, _, method = key.rpartition("/")  # "W4A16 g64/hqq"
                 points.setdefault(method, []).append(
                     (r["quantize_s"], r["ppl"]["wikitext2"], setting))
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
