@@ -181,7 +181,7 @@ def write(record: dict) -> None:
         earlier = json.loads(path.read_text())
         if earlier.get("method") == record["method"]:
             record["models"] = {**earlier.get("models", {}), **record["models"]}
-    write_text(RESULTS / "deployment.json", json.dumps(record, indent=1))
+    write_text(path, json.dumps(record, indent=1))
     write_text(RESULTS / "deployment.md", markdown(record))
 
 

@@ -195,7 +195,7 @@ def write_markdown(suite: str, cells: list[Cell], results: dict) -> Path:
               f"Command: `python benchmarks/run.py {suite} --data-dir DATA` "
               f"(each cell: `{rows[0] and results[rows[0].key]['command']}` with its own "
               "flags)."]
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -209,12 +209,11 @@ def main() -> int:
                         help="only rewrite the markdown table from the JSON")
     args = parser.parse_args()
     cells = SUITES[args.suite]()
+    path = RESULTS / f"{args.suite}.json"
     if args.table:
-        write_markdown(args.suite, cells, json.loads((RESULTS / f"{args.suite}.json")
-                                                     .read_text()))
+        write_markdown(args.suite, cells, json.loads(path.read_text()))
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{args.suite}.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     results["_meta"] = {"machine": machine(), "date": date.today().isoformat(),
                         "model": MODEL, "eval": " ".join(EVAL), "budget": " ".join(BUDGET)}
