@@ -12,9 +12,12 @@
    on the packed folder, with and without the compressed-tensors package.
 4. Table B: file size, peak RSS and tokens/s (prompt processing of --prompt tokens,
    greedy generation of --generate tokens) in llama.cpp, each model in its own process.
+   `--speed-refresh` re-measures only this, for every model already recorded (run it on a
+   quiet machine).
 
 Needs the `deploy` extra (llama-cpp-python, compressed-tensors). Writes
-docs/results/deployment.json and docs/results/deployment.md.
+docs/results/deployment.json and docs/results/deployment.md; rows are keyed by setting and
+method ("W2A16 sliderquant"), so invocations with different --method / --settings add up.
 """
 
 from __future__ import annotations
@@ -60,16 +63,19 @@ def main() -> int:
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens for speed")
     p.add_argument("--generate", type=int, default=128, help="generated tokens for speed")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp threads")
+    p.add_argument("--speed-refresh", action="store_true",
+                   help="only re-measure Table B (speed, peak RSS) of the recorded models")
     p.add_argument("--speed-only", metavar="GGUF", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.speed_only:
         print(json.dumps(speed(args.speed_only, args.prompt, args.generate, args.threads)))
         return 0
+    if args.speed_refresh:
+        return refresh_speed(args)
 
     args.work = args.work / args.method
     args.work.mkdir(parents=True, exist_ok=True)
     record = {"date": date.today().isoformat(), "machine": machine(), "model": MODEL,
-              "method": args.method,
               "protocol": {"dataset": "wikitext2 test", "windows": args.windows,
                            "seqlen": args.seqlen, "prompt_tokens": args.prompt,
                            "generated_tokens": args.generate, "threads": args.threads,
@@ -84,7 +90,10 @@ def main() -> int:
                             "--data-dir", args.data_dir, "--out", str(run), "--tasks", "none",
                             "--quiet"],
                            check=True)
-        record["models"][name] = evaluate_setting(name, run, args)
+        key = name if name == "FP16" else f"{name} {args.method}"
+        record["models"][key] = {"method": args.method, "date": record["date"],
+                                 "command": record["command"],
+                                 **evaluate_setting(name, run, args)}
         write(record)
     record["load_after"] = os.getloadavg()
     write(record)
@@ -128,24 +137,47 @@ def evaluate_setting(name: str, run: Path, args) -> dict:
         ppl["packed (transformers + compressed-tensors)"] = perplexity_from_nlls(
             window_nlls(engine.eval(), windows, "packed/ct"))
         del engine
+    out["speed"] = measure_speed(gguf, args)
+    return out
+
+
+def measure_speed(gguf: Path, args) -> dict:
+    """`speed` in a fresh process, so that nothing else is resident."""
     done = subprocess.run([sys.executable, __file__, "--data-dir", args.data_dir,
                            "--speed-only", str(gguf), "--prompt", str(args.prompt),
                            "--generate", str(args.generate), "--threads", str(args.threads)],
                           check=True, capture_output=True, text=True)
-    out["speed"] = json.loads(done.stdout.strip().splitlines()[-1])
-    return out
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def refresh_speed(args) -> int:
+    """Re-measure Table B for every recorded model whose GGUF is still on disk."""
+    path = RESULTS / "deployment.json"
+    record = json.loads(path.read_text())
+    record["protocol"].update(prompt_tokens=args.prompt, generated_tokens=args.generate,
+                              threads=args.threads)
+    record["speed_command"] = "python benchmarks/deployment.py " + " ".join(sys.argv[1:])
+    record["speed_date"] = date.today().isoformat()
+    for name, m in record["models"].items():
+        gguf = Path(m["run"]) / "model.gguf"
+        if not gguf.is_file():
+            print(f"{name}: {gguf} is gone; export it again (run without --speed-refresh)")
+            continue
+        m["speed"] = measure_speed(gguf, args)
+        print(name, m["speed"], flush=True)
+        write(record)
+    return 0
 
 
 def speed(path: str, prompt: int, generate: int, threads: int) -> dict:
     """Prompt and generation tokens/s and peak RSS of one llama.cpp process."""
-    import resource
-
     import llama_cpp
     import numpy as np
 
+    from sliderquant.api import peak_rss_mb
     from sliderquant.eval.llamacpp import open_gguf
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = peak_rss_mb()
     llm = open_gguf(path, prompt + generate, threads, logits_all=False)
     ids = np.random.default_rng(0).integers(100, 10000, prompt).tolist()
     best_pp = best_tg = 0.0
@@ -160,7 +192,7 @@ def speed(path: str, prompt: int, generate: int, threads: int) -> dict:
             llm.eval([int(np.argmax(np.ctypeslib.as_array(last, shape=(llm.n_vocab(),))))])
         best_tg = max(best_tg, generate / (time.perf_counter() - t))
     llm.close()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     return {"prompt_tok_s": round(best_pp, 1), "gen_tok_s": round(best_tg, 1),
             "peak_rss_mib": round(peak, 1), "rss_before_load_mib": round(base, 1),
             "load_avg": os.getloadavg()}
@@ -178,9 +210,8 @@ def write(record: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "deployment.json"
     if path.is_file():
-        earlier = json.loads(path.read_text())
-        if earlier.get("method") == record["method"]:
-            record["models"] = {**earlier.get("models", {}), **record["models"]}
+        record["models"] = {**json.loads(path.read_text()).get("models", {}),
+                            **record["models"]}
     write_text(path, json.dumps(record, indent=1))
     write_text(RESULTS / "deployment.md", markdown(record))
 
@@ -190,12 +221,13 @@ def markdown(r: dict) -> str:
     lines = [
         "## Deployment: SmolLM2-135M in llama.cpp (GGUF) and transformers (packed)",
         "",
-        f"Command: `{r['command']}` ({r['date']}; {r['machine']['cores']} CPU cores, "
-        f"load average at start {r['machine']['load_at_start'][0]:.1f}). Runs: "
-        f"`sliderquant quantize smollm2-135m --preset wXa16 --method {r['method']}"
-        f"{' --fast' if r['method'] != 'rtn' else ''} --calib wikitext2:valid` "
-        "(FP16: the unquantized model, `--wbits 16`). Exports: `sliderquant export RUN "
-        "--format gguf` with default settings (non-quantized matrices F16, norms F32).",
+        "Commands (rows accumulate across invocations): "
+        + "; ".join(sorted({f"`{m['command']}` ({m['date']})" for m in r["models"].values()}))
+        + f". Machine: {r['machine']['cores']} CPU cores. Runs: `sliderquant quantize "
+        "smollm2-135m --preset wXa16 --method METHOD --calib wikitext2:valid`, with `--fast` "
+        "for the learned methods (FP16: the unquantized model, `--wbits 16`). Exports: "
+        "`sliderquant export RUN --format gguf` with default settings (non-quantized "
+        "matrices F16, norms F32).",
         "",
         f"### Perplexity equality (WikiText-2 test, first {pr['windows']} windows x "
         f"{pr['seqlen']} tokens, same token ids everywhere)",

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
+from store import read_results, record_cell
+
 from sliderquant.atomic import write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,12 +193,23 @@ def write_markdown(suite: str, cells: list[Cell], results: dict) -> Path:
               "model on the calibration windows (the quantity every learned method "
               "minimises; same target for all methods). quantize s: wall time of the "
               "quantization on a shared 2-core machine (see the notes on timing).", "",
-              f"Machine: {meta.get('machine')}. Date: {meta.get('date')}.",
+              f"Machine: {meta.get('machine')}. Dates: {cell_dates(results, rows)}.",
               f"Command: `python benchmarks/run.py {suite} --data-dir DATA` "
               f"(each cell: `{rows[0] and results[rows[0].key]['command']}` with its own "
               "flags)."]
     write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def cell_dates(results: dict, rows: list[Cell]) -> str:
+    """The date range of the shown cells; cells from before dates were recorded say so."""
+    dates = sorted({results[c.key]["date"] for c in rows if "date" in results[c.key]})
+    undated = sum("date" not in results[c.key] for c in rows)
+    span = f"{dates[0]} to {dates[-1]}" if len(dates) > 1 else "".join(dates)
+    if undated:
+        span = (f"{span}; " if span else "") + (
+            f"{undated} cells recorded before per-cell dates, run 2026-11-23 to 2026-11-25")
+    return span
 
 
 def main() -> int:
@@ -213,8 +226,7 @@ def main() -> int:
     if args.table:
         write_markdown(args.suite, cells, json.loads(path.read_text()))
         return 0
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    results = json.loads(path.read_text()) if path.is_file() else {}
+    results = read_results(path)
     results["_meta"] = {"machine": machine(), "date": date.today().isoformat(),
                         "model": MODEL, "eval": " ".join(EVAL), "budget": " ".join(BUDGET)}
     for cell in cells:
@@ -225,10 +237,7 @@ def main() -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {cell.key} ...", flush=True)
         result = run_cell(cell, args.data_dir)
         print(f"    {result.get('ppl') or result.get('error')}", flush=True)
-        # Re-read before writing: another instance may have finished cells of this suite.
-        results = {**(json.loads(path.read_text()) if path.is_file() else {}),
-                   "_meta": results["_meta"], cell.key: result}
-        write_text(path, json.dumps(results, indent=1))
+        results = record_cell(path, results["_meta"], cell.key, result)
         write_markdown(args.suite, cells, results)
     return 0
 

@@ -25,13 +25,28 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 RESULTS = REPO / "docs" / "results"
+sys.path.insert(0, str(HERE.parent))
+from store import read_results, record_cell  # noqa: E402  (benchmarks/ is not a package)
+
+from sliderquant.atomic import write_text  # noqa: E402
+
 EVAL = ["--tasks", "wikitext2,c4", "--eval-seqlen", "2048", "--eval-windows", "8"]
 VENV = {"hqq": "peer-autoround", "gptq": "peer-llmcompressor", "autoround": "peer-autoround"}
 AUTOROUND_ITERS = 50
-# Ours, same protocol and --fast budget (docs/results/main.md).
-OURS = {"FP": (19.13, 24.75), "W4A16 per-channel": (26.44, 33.65),
-        "W2A16 per-channel": (1301.54, 1469.78)}
-OURS_RTN = {"W4A16 per-channel": (33.05, 42.29)}
+# Our cell of the same setting in docs/results/main.json (same protocol, --fast budget).
+MAIN_CELL = {"W4A16 per-channel": "W4A16", "W2A16 per-channel": "W2A16"}
+
+
+def ours(method: str) -> dict[str, tuple[float, float]]:
+    """(WikiText-2, C4) of `method` per peer setting, and "FP", from our main table."""
+    main = read_results(RESULTS / "main.json")
+    out = {}
+    for setting, cell in MAIN_CELL.items():
+        r = main.get(f"{cell}/{method}", {})
+        if "ppl" in r:
+            out[setting] = (r["ppl"]["wikitext2"], r["ppl"]["c4"])
+            out["FP"] = (r["fp_ppl"]["wikitext2"], r["fp_ppl"]["c4"])
+    return out
 
 
 @dataclass
@@ -115,14 +130,15 @@ def _show(cmd: list[str], out: Path) -> str:
 def write_markdown(results: dict) -> Path:
     """docs/results/peers.md from the JSON."""
     meta = results["_meta"]
+    sq, rtn = ours("sliderquant"), ours("rtn")
     lines = ["| setting | peer | WikiText-2 | C4 | quantize s | peak RSS MiB | sliderquant "
              "(WikiText-2 / C4) |", "|---|---|---|---|---|---|---|"]
-    fp = OURS["FP"]
+    fp = sq["FP"]
     lines.append(f"| FP |  | {fp[0]:.2f} | {fp[1]:.2f} | - | - |  |")
     for cell in cells():
         r = results.get(cell.key)
-        ours = OURS.get(cell.setting)
-        ours_s = f"{ours[0]:.2f} / {ours[1]:.2f}" if ours else "-"
+        mine = sq.get(cell.setting)
+        ours_s = f"{mine[0]:.2f} / {mine[1]:.2f}" if mine else "-"
         if r is None or "ppl" not in r:
             r = r or {}
             reason = (r["note"] if "note" in r else
@@ -153,11 +169,11 @@ def write_markdown(results: dict) -> Path:
         "(as sliderquant); projections only, embeddings and lm_head FP.",
         "Versions: " + "; ".join(f"{venv}: {', '.join(v)}"
                                  for venv, v in meta["versions"].items()) + ".",
-        "sliderquant column: our --fast numbers from main.md; RTN W4A16 per-channel "
-        f"{OURS_RTN['W4A16 per-channel'][0]:.2f} / {OURS_RTN['W4A16 per-channel'][1]:.2f}.",
+        "sliderquant column: our --fast numbers from main.md; our RTN: " + "; ".join(
+            f"{s} {v[0]:.2f} / {v[1]:.2f}" for s, v in rtn.items() if s != "FP") + ".",
     ]
     path = RESULTS / "peers.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -172,7 +188,7 @@ def main() -> None:
     ap.add_argument("--rerun", action="store_true", help="rerun finished cells")
     args = ap.parse_args()
     path = RESULTS / "peers.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
+    results = read_results(path)
     results["_meta"] = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
                         "date": str(date.today()),
                         "versions": {v: installed(args.venvs / v)
@@ -185,15 +201,9 @@ def main() -> None:
         print(f"[{cell.key}] running", flush=True)
         record = run_cell(cell, args)
         print(f"[{cell.key}] {record.get('ppl') or record['error']}", flush=True)
-        # re-read: another invocation (--only) may have finished cells meanwhile
-        results = {**(json.loads(path.read_text()) if path.is_file() else {}),
-                   "_meta": results["_meta"], cell.key: record}
-        path.write_text(json.dumps(results, indent=1))
+        results = record_cell(path, results["_meta"], cell.key, record)
         write_markdown(results)
-    results = {**(json.loads(path.read_text()) if path.is_file() else {}),
-               "_meta": results["_meta"]}
-    path.write_text(json.dumps(results, indent=1))
-    write_markdown(results)
+    write_markdown({**read_results(path), "_meta": results["_meta"]})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,25 @@
+"""A benchmark suite's results: one JSON file of cells, shared by parallel invocations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sliderquant.atomic import write_text
+
+
+def read_results(path: Path) -> dict:
+    """The recorded cells (and `_meta`), or {} before the first cell."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def record_cell(path: Path, meta: dict, key: str, record: dict) -> dict:
+    """Add one finished cell and write the file atomically; returns everything recorded.
+
+    The file is re-read first: another invocation (`--only`) may have finished cells since
+    this one started, and they must not be lost.
+    """
+    results = {**read_results(path), "_meta": meta, key: record}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(results, indent=1))
+    return results
