@@ -45,7 +45,8 @@ class Cell:
 def main_suite() -> list[Cell]:
     settings = [("W4A16", ["--preset", "w4a16"]), ("W3A16", ["--preset", "w3a16"]),
                 ("W2A16", ["--preset", "w2a16"]), ("W4A4", ["--preset", "w4a4"]),
-                ("W4A4 no rotation", ["--preset", "w4a4", "--no-rotate"])]
+                ("W4A4 no rotation", ["--preset", "w4a4", "--no-rotate"]),
+                ("W4A16 g64", ["--preset", "w4a16", "--group-size", "64"])]
     cells = []
     for name, args in settings:
         for method in ("rtn", "blockwise", "fixed", "sliderquant"):

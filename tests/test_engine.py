@@ -1,13 +1,15 @@
 """The window engine: training helps, resume is exact, failures are clear."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_model
 
 from sliderquant import QuantConfig, quantize
-from sliderquant.api import RunFolderError
+from sliderquant.api import RunFolderError, peak_rss_mb
 from sliderquant.checkpoint import CheckpointError
 from sliderquant.engine import NonFiniteLossError
 
@@ -121,3 +123,19 @@ def test_resume_refuses_a_mismatched_or_corrupt_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="nothing to resume"):
         quantize(tiny_model(), None, config(), calib=CALIB, output_dir=tmp_path / "new",
                  resume=True, show_progress=False)
+
+
+def _current_rss_mb() -> float:
+    status = Path("/proc/self/status").read_text().splitlines()
+    line = next(x for x in status if x.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux only")
+def test_peak_rss_is_at_least_the_current_resident_memory():
+    before = _current_rss_mb()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written so it is resident
+    now = _current_rss_mb()
+    assert now >= before + 60
+    assert peak_rss_mb() >= now
+    del block

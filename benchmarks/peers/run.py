@@ -33,19 +33,19 @@ from sliderquant.atomic import write_text  # noqa: E402
 EVAL = ["--tasks", "wikitext2,c4", "--eval-seqlen", "2048", "--eval-windows", "8"]
 VENV = {"hqq": "peer-autoround", "gptq": "peer-llmcompressor", "autoround": "peer-autoround"}
 AUTOROUND_ITERS = 50
-# Our cell of the same setting in docs/results/main.json (same protocol, --fast budget).
-MAIN_CELL = {"W4A16 per-channel": "W4A16", "W2A16 per-channel": "W2A16"}
+# Our cell of the same setting (same protocol, --fast budget): suite and cell key prefix.
+OUR_CELL = {"W4A16 per-channel": ("main", "W4A16"), "W4A16 g64": ("main", "W4A16 g64"),
+            "W2A16 per-channel": ("main", "W2A16"), "W2A16 g64": ("w2-investigation", "g64")}
 
 
 def ours(method: str) -> dict[str, tuple[float, float]]:
-    """(WikiText-2, C4) of `method` per peer setting, and "FP", from our main table."""
-    main = read_results(RESULTS / "main.json")
+    """(WikiText-2, C4) of our `method` per peer setting where measured, and "FP"."""
     out = {}
-    for setting, cell in MAIN_CELL.items():
-        r = main.get(f"{cell}/{method}", {})
+    for setting, (suite, cell) in OUR_CELL.items():
+        r = read_results(RESULTS / f"{suite}.json").get(f"{cell}/{method}", {})
         if "ppl" in r:
             out[setting] = (r["ppl"]["wikitext2"], r["ppl"]["c4"])
-            out["FP"] = (r["fp_ppl"]["wikitext2"], r["fp_ppl"]["c4"])
+            out.setdefault("FP", (r["fp_ppl"]["wikitext2"], r["fp_ppl"]["c4"]))
     return out
 
 
@@ -169,8 +169,9 @@ def write_markdown(results: dict) -> Path:
         "(as sliderquant); projections only, embeddings and lm_head FP.",
         "Versions: " + "; ".join(f"{venv}: {', '.join(v)}"
                                  for venv, v in meta["versions"].items()) + ".",
-        "sliderquant column: our --fast numbers from main.md; our RTN: " + "; ".join(
-            f"{s} {v[0]:.2f} / {v[1]:.2f}" for s, v in rtn.items() if s != "FP") + ".",
+        "sliderquant column: our --fast numbers (main.md, w2-investigation.md); our RTN: "
+        + "; ".join(f"{s} {v[0]:.2f} / {v[1]:.2f}" for s, v in rtn.items() if s != "FP")
+        + ".",
     ]
     path = RESULTS / "peers.md"
     write_text(path, "\n".join(lines) + "\n")
