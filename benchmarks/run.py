@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
-from store import read_results, record_cell
+from store import fmt_ppl, read_results, record_cell
 
 from sliderquant.atomic import write_text
 
@@ -181,12 +181,12 @@ def write_markdown(suite: str, cells: list[Cell], results: dict) -> Path:
     fp = next(iter(results[r.key]["fp_ppl"] for r in rows if results[r.key]["fp_ppl"]), None)
     if fp:
         lines.append(f"| {' | '.join(['FP'] + [''] * (len(label_cols) - 1))} | "
-                     f"{fp['wikitext2']:.2f} | {fp['c4']:.2f} | - | - | - |")
+                     f"{fmt_ppl(fp['wikitext2'])} | {fmt_ppl(fp['c4'])} | - | - | - |")
     for c in rows:
         r = results[c.key]
         final = f"{r['final_window_losses'][-1]:.1f}" if r["final_window_losses"] else "-"
         lines.append(f"| {' | '.join(str(c.label[k]) for k in label_cols)} | "
-                     f"{r['ppl']['wikitext2']:.2f} | {r['ppl']['c4']:.2f} | {final} | "
+                     f"{fmt_ppl(r['ppl']['wikitext2'])} | {fmt_ppl(r['ppl']['c4'])} | {final} | "
                      f"{r['quantize_s']:.0f} | {r['peak_rss_mb']:.0f} |")
     meta = results.get("_meta", {})
     lines += ["", "final MSE: the training loss of the last window in its last epoch, i.e. "

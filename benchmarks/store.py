@@ -23,3 +23,8 @@ def record_cell(path: Path, meta: dict, key: str, record: dict) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(results, indent=1))
     return results
+
+
+def fmt_ppl(ppl: float) -> str:
+    """Perplexity for a table: two decimals, or three significant digits once it is huge."""
+    return f"{ppl:.2f}" if ppl < 1e4 else f"{ppl:.3g}"

@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 RESULTS = REPO / "docs" / "results"
 sys.path.insert(0, str(HERE.parent))
-from store import read_results, record_cell  # noqa: E402  (benchmarks/ is not a package)
+from store import fmt_ppl, read_results, record_cell  # noqa: E402 (no package)
 
 from sliderquant.atomic import write_text  # noqa: E402
 
@@ -76,8 +76,7 @@ def cells() -> list[Cell]:
     return out
 
 
-UNFINISHED = ("not finished by the deadline (the niced job got ~4% of a core on the shared "
-              "2-core machine)")
+UNFINISHED = "not measured yet: the CPU budget ran out (`--only SETTING/PEER` runs one cell)"
 # Cells of the brief that the scripts do not run, and why (shown in the table).
 NOT_RUN = {
     ("W4A4 (INT4 scheme, no rotation)", "autoround"):
@@ -134,11 +133,11 @@ def write_markdown(results: dict) -> Path:
     lines = ["| setting | peer | WikiText-2 | C4 | quantize s | peak RSS MiB | sliderquant "
              "(WikiText-2 / C4) |", "|---|---|---|---|---|---|---|"]
     fp = sq["FP"]
-    lines.append(f"| FP |  | {fp[0]:.2f} | {fp[1]:.2f} | - | - |  |")
+    lines.append(f"| FP |  | {fmt_ppl(fp[0])} | {fmt_ppl(fp[1])} | - | - |  |")
     for cell in cells():
         r = results.get(cell.key)
         mine = sq.get(cell.setting)
-        ours_s = f"{mine[0]:.2f} / {mine[1]:.2f}" if mine else "-"
+        ours_s = f"{fmt_ppl(mine[0])} / {fmt_ppl(mine[1])}" if mine else "-"
         if r is None or "ppl" not in r:
             r = r or {}
             reason = (r["note"] if "note" in r else
@@ -149,8 +148,9 @@ def write_markdown(results: dict) -> Path:
             lines.append(f"| {cell.setting} | {cell.peer} | not run: {reason} | | {done} | "
                          f"{ours_s} |")
             continue
-        lines.append(f"| {cell.setting} | {cell.peer} | {r['ppl']['wikitext2']:.2f} | "
-                     f"{r['ppl']['c4']:.2f} | {r['quantize_s']:.0f} | {r['peak_rss_mb']:.0f} | "
+        ppl = r["ppl"]
+        lines.append(f"| {cell.setting} | {cell.peer} | {fmt_ppl(ppl['wikitext2'])} | "
+                     f"{fmt_ppl(ppl['c4'])} | {r['quantize_s']:.0f} | {r['peak_rss_mb']:.0f} | "
                      f"{ours_s} |")
     lines += [f"| {setting} | {peer} | not run: {why} | | | | |"
               for (setting, peer), why in NOT_RUN.items()]
@@ -170,7 +170,8 @@ def write_markdown(results: dict) -> Path:
         "Versions: " + "; ".join(f"{venv}: {', '.join(v)}"
                                  for venv, v in meta["versions"].items()) + ".",
         "sliderquant column: our --fast numbers (main.md, w2-investigation.md); our RTN: "
-        + "; ".join(f"{s} {v[0]:.2f} / {v[1]:.2f}" for s, v in rtn.items() if s != "FP")
+        + "; ".join(f"{k} {fmt_ppl(v[0])} / {fmt_ppl(v[1])}"
+                    for k, v in rtn.items() if k != "FP")
         + ".",
     ]
     path = RESULTS / "peers.md"
