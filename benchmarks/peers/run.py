@@ -76,7 +76,7 @@ def cells() -> list[Cell]:
     return out
 
 
-UNFINISHED = "not measured yet: the CPU budget ran out (`--only SETTING/PEER` runs one cell)"
+UNFINISHED = "the CPU budget ran out (`--only SETTING/PEER` runs one cell)"
 # Cells of the brief that the scripts do not run, and why (shown in the table).
 NOT_RUN = {
     ("W4A4 (INT4 scheme, no rotation)", "autoround"):
