@@ -121,6 +121,11 @@ def w2_investigation_suite() -> list[Cell]:
         cells.append(Cell(f"g64/{method}", {"variant": "g64", "method": method},
                           ["--preset", "w2a16", *BUDGET, "--method", method,
                            "--group-size", "64"]))
+    # SliderQuant's windows with every epoch at full rate (fixed's split), at g64.
+    cells.append(Cell("g64, no intra/sliderquant", {"variant": "g64, --intra-stages 1",
+                                                    "method": "sliderquant"},
+                      ["--preset", "w2a16", *BUDGET, "--method", "sliderquant",
+                       "--group-size", "64", "--intra-stages", "1"]))
     return cells
 
 
