@@ -156,6 +156,7 @@ def run_cell(cell: Cell, data_dir: str) -> dict:
         "peak_rss_mb": record["peak_rss_mb"],
         # Wall times are only comparable between cells run on an equally quiet machine.
         "load_average_after": round(os.getloadavg()[0], 1),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset (all cores)"),
         "date": date.today().isoformat(),
         "config": record["config"],
         "final_window_losses": [w["epoch_losses"][-1] for w in record["windows"]
