@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -255,11 +256,13 @@ def markdown(r: dict) -> str:
               "|---|---|---|---|---|---|---|"]
     for name, m in r["models"].items():
         s = m["speed"]
-        storage = "; ".join(line.split("  max")[0].split("  rel.")[0].strip()
-                            for line in m["gguf_tensors"])
+        storage = storage_summary(m["gguf_tensors"])
         lines.append(f"| {name} | {m['gguf_bytes'] / 2**20:.1f} | {s['peak_rss_mib']:.0f} | "
                      f"{s['prompt_tok_s']:.0f} | {s['gen_tok_s']:.1f} | "
                      f"{s['load_avg'][0]:.1f} | {storage} |")
+    if "speed_command" in r:
+        lines += ["", f"Table B re-measured with `{r['speed_command']}` ({r['speed_date']}), "
+                  "each model in a fresh process, one after the other."]
     lines += ["", f"Prompt: {pr['prompt_tokens']} tokens in one batch; generation: "
               f"{pr['generated_tokens']} greedy tokens; best of 2; {pr['threads']} threads; "
               "peak RSS of a fresh process that loads the model and runs both (the Python "
@@ -272,6 +275,20 @@ def markdown(r: dict) -> str:
               "shared are not comparable across machines; the load average column says how "
               "busy it was.", ""]
     return "\n".join(lines)
+
+
+def storage_summary(lines: list[str]) -> str:
+    """Export summary lines ("Q3_K requantized 2 tensors 1.77 M params max err ...")
+    merged per GGUF type and kind: "Q4_1 exact: 210 tensors, 106.2 M params; ..."."""
+    totals: dict[tuple[str, str], list[float]] = {}
+    for line in lines:
+        found = re.match(r"\s*(\S+)\s+(\S+)\s+(\d+) tensors\s+([\d.]+) M params", line)
+        if found:
+            t = totals.setdefault((found[1], found[2]), [0, 0.0])
+            t[0] += int(found[3])
+            t[1] += float(found[4])
+    return "; ".join(f"{kind} {how}: {n} tensors, {p:.1f} M params"
+                     for (kind, how), (n, p) in totals.items())
 
 
 def _fmt(x: float | None) -> str:
