@@ -21,6 +21,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from sliderquant.atomic import write_text
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results"
 MODEL = "smollm2-135m"
@@ -127,7 +129,7 @@ def write_markdown(results: dict) -> Path:
         lines.append(f"- `{results[key]['command']}` "
                      f"({'output reused' if wall is None else f'{wall:.0f} s wall'})")
     path = RESULTS / "zeroshot.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -173,7 +175,7 @@ def main() -> int:
         if key == "quantize":
             record = {k: record[k] for k in ("model", "config", "timings", "peak_rss_mb")}
         results[key] = {**record, "command": shown(cmd, args.work, data_dir), "wall_s": wall}
-        path.write_text(json.dumps(results, indent=1))
+        write_text(path, json.dumps(results, indent=1))
         write_markdown(results)
     print(write_markdown(results))
     return 0

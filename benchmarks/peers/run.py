@@ -132,8 +132,9 @@ def write_markdown(results: dict) -> Path:
     sq, rtn = ours("sliderquant"), ours("rtn")
     lines = ["| setting | peer | WikiText-2 | C4 | quantize s | peak RSS MiB | sliderquant "
              "(WikiText-2 / C4) |", "|---|---|---|---|---|---|---|"]
-    fp = sq["FP"]
-    lines.append(f"| FP |  | {fmt_ppl(fp[0])} | {fmt_ppl(fp[1])} | - | - |  |")
+    fp = sq.get("FP") or rtn.get("FP")  # absent until our main table has a cell
+    if fp:
+        lines.append(f"| FP |  | {fmt_ppl(fp[0])} | {fmt_ppl(fp[1])} | - | - |  |")
     for cell in cells():
         r = results.get(cell.key)
         mine = sq.get(cell.setting)
