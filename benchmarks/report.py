@@ -44,17 +44,14 @@ def plot_ppl_vs_time() -> Path | None:
         return None
     results = json.loads(main.read_text())
     points: dict[str, list[tuple[float, float, str]]] = {}
-    for key, r in results.items():
-        if key.startswith("_") or "ppl" not in r:
-            continue
-        setting, method = key.split("/")
-        points.setdefault(method, []).append((r["quantize_s"], r["ppl"]["wikitext2"], setting))
-    extra = RESULTS / "peers.json"
-    if extra.is_file():
-        for key, r in json.loads(extra.read_text()).items():
+    # Cell keys are "SETTING/METHOD" in every suite plotted ("W4A16 g64/hqq").
+    for suite in ("main", "budget", "peers"):
+        path = RESULTS / f"{suite}.json"
+        cells = json.loads(path.read_text()).items() if path.is_file() else []
+        for key, r in cells:
             if not key.startswith("_") and isinstance(r, dict) and "ppl" in r \
                     and r.get("quantize_s"):
-                setting, _, method = key.rpartition("/")  # "W4A16 g64/hqq"
+                setting, _, method = key.rpartition("/")
                 points.setdefault(method, []).append(
                     (r["quantize_s"], r["ppl"]["wikitext2"], setting))
     fig, ax = plt.subplots(figsize=(7.5, 4.8))

@@ -72,12 +72,14 @@ def ablation_suite() -> list[Cell]:
     """The paper's ablations (Tables 6-10, F, G) at the shared --fast budget on SmolLM2.
 
     Schedule ablations at W2A16 (where the differences are largest); channel scaling and
-    LoRA at W4A4 (the only setting with channel scaling). Cells equal to a cell of another
-    suite are not repeated: the SliderQuant W2A16 / W4A4 defaults (main) and W2A16 g64
+    LoRA at W4A4 without rotation (the only setting with channel scaling; the rotated W4A4
+    run takes ~6x longer on this CPU, and without rotation the activation outliers that
+    channel scaling exists for are still there). Cells equal to a cell of another suite are
+    not repeated: the SliderQuant W2A16 and W4A4-no-rotation defaults (main) and W2A16 g64
     (w2-investigation).
     """
     w2 = ["--preset", "w2a16", *BUDGET]
-    w4a4 = ["--preset", "w4a4", *BUDGET]
+    w4a4 = ["--preset", "w4a4", "--no-rotate", *BUDGET]
     cells = []
 
     def add(table: str, variant: str, args: list[str]) -> None:
@@ -94,9 +96,9 @@ def ablation_suite() -> list[Cell]:
         add("T8 gamma", f"gamma=1/{stages}", [*w2, "--intra-stages", str(stages)])
     for size in (3, 4):
         add("T9 window size", f"s={size}", [*w2, "--window-size", str(size)])
-    add("T10 CS/LoRA (W4A4)", "CS only", [*w4a4, "--lora-rank", "0"])
-    add("T10 CS/LoRA (W4A4)", "LoRA only", [*w4a4, "--no-channel-scaling"])
-    add("T10 CS/LoRA (W4A4)", "neither (clipping only)",
+    add("T10 CS/LoRA (W4A4 no rot.)", "CS only", [*w4a4, "--lora-rank", "0"])
+    add("T10 CS/LoRA (W4A4 no rot.)", "LoRA only", [*w4a4, "--no-channel-scaling"])
+    add("T10 CS/LoRA (W4A4 no rot.)", "neither (clipping only)",
         [*w4a4, "--lora-rank", "0", "--no-channel-scaling"])
     for n in (4, 8, 32):
         add("TF calibration samples", f"nsamples={n}", [*w2, "--nsamples", str(n)])
@@ -129,8 +131,27 @@ def w2_investigation_suite() -> list[Cell]:
     return cells
 
 
+def budget_suite() -> list[Cell]:
+    """SliderQuant W4A16 with 4x the --fast epochs: about the compute auto-round's 50-iter
+    peer cell spent (peers.md), to compare the two methods at a matched budget."""
+    return [Cell("W4A16 epochs=8/sliderquant", {"setting": "W4A16, --epochs 8 (4x --fast)",
+                                                "method": "sliderquant"},
+                 ["--preset", "w4a16", *BUDGET, "--epochs", "8"])]
+
+
+# Rows another suite already measured, shown in this suite's table for comparison:
+# (label, suite, cell key).
+REFERENCES = {"ablations": [
+    ({"table": "default W2A16", "variant": "all on (main.md)"}, "main", "W2A16/sliderquant"),
+    ({"table": "default W4A4 no rot.", "variant": "CS + LoRA (main.md)"}, "main",
+     "W4A4 no rotation/sliderquant"),
+    ({"table": "TG group size", "variant": "g64 (w2-investigation.md)"}, "w2-investigation",
+     "g64/sliderquant"),
+], "budget": [({"setting": "W4A16 (--fast)", "method": "sliderquant (main.md)"}, "main",
+               "W4A16/sliderquant")]}
+
 SUITES = {"main": main_suite, "w2-investigation": w2_investigation_suite,
-          "fast-lr": fast_lr_suite, "ablations": ablation_suite}
+          "fast-lr": fast_lr_suite, "ablations": ablation_suite, "budget": budget_suite}
 
 
 def run_cell(cell: Cell, data_dir: str) -> dict:
@@ -188,10 +209,14 @@ def write_markdown(suite: str, cells: list[Cell], results: dict) -> Path:
     if fp:
         lines.append(f"| {' | '.join(['FP'] + [''] * (len(label_cols) - 1))} | "
                      f"{fmt_ppl(fp['wikitext2'])} | {fmt_ppl(fp['c4'])} | - | - | - |")
-    for c in rows:
-        r = results[c.key]
+    shown = [(ref_label, read_results(RESULTS / f"{ref_suite}.json").get(key, {}))
+             for ref_label, ref_suite, key in REFERENCES.get(suite, [])]
+    shown += [(c.label, results[c.key]) for c in rows]
+    for label, r in shown:
+        if "ppl" not in r:
+            continue
         final = f"{r['final_window_losses'][-1]:.1f}" if r["final_window_losses"] else "-"
-        lines.append(f"| {' | '.join(str(c.label[k]) for k in label_cols)} | "
+        lines.append(f"| {' | '.join(str(label[k]) for k in label_cols)} | "
                      f"{fmt_ppl(r['ppl']['wikitext2'])} | {fmt_ppl(r['ppl']['c4'])} | {final} | "
                      f"{r['quantize_s']:.0f} | {r['peak_rss_mb']:.0f} |")
     meta = results.get("_meta", {})
