@@ -9,10 +9,11 @@ by docs/results/NAME.md; the text around the regions (the discussion) is kept as
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
+
+from store import read_results
 
 from sliderquant.atomic import write_text
 
@@ -39,16 +40,15 @@ def plot_ppl_vs_time() -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    main = RESULTS / "main.json"
-    if not main.is_file():
+    suites = {name: read_results(RESULTS / f"{name}.json")
+              for name in ("main", "budget", "peers")}
+    results = suites["main"]
+    if not results:
         return None
-    results = json.loads(main.read_text())
     points: dict[str, list[tuple[float, float, str]]] = {}
     # Cell keys are "SETTING/METHOD" in every suite plotted ("W4A16 g64/hqq").
-    for suite in ("main", "budget", "peers"):
-        path = RESULTS / f"{suite}.json"
-        cells = json.loads(path.read_text()).items() if path.is_file() else []
-        for key, r in cells:
+    for cells in suites.values():
+        for key, r in cells.items():
             if not key.startswith("_") and isinstance(r, dict) and "ppl" in r \
                     and r.get("quantize_s"):
                 setting, _, method = key.rpartition("/")
