@@ -139,7 +139,9 @@ def quantize(
     """Quantize `model` in place with `config`; return the folded model and a report.
 
     `calib` is a calibration source (`wikitext2:valid`, `c4`, a text file; default
-    `config.calib`) or a ready tensor of token ids [n, seqlen]. With `output_dir`, the
+    `config.calib`) or a ready tensor of token ids [n, seqlen]. Windows are trained on
+    `device` (default: cuda if available); the model stays where it is, each window's layers
+    visit `device` only while they are run or trained. With `output_dir`, the
     learnables are checkpointed after every window (`resume=True` continues a killed run)
     and the folded model is saved there when done (see `save_quantized`). A folder that
     holds a finished run is refused unless `overwrite=True`.
@@ -196,7 +198,7 @@ def quantize(
     records: list[WindowRecord] = []
     if config.trains:
         t = time.perf_counter()
-        x0 = _embed(adapter, ids, device, config.inference_batch_size)
+        x0 = _embed(adapter, ids, config.inference_batch_size)
         rope = adapter.rotary(x0[:1].to(device), config.seqlen)
         timings["capture_s"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -578,11 +580,12 @@ def fp_reference(
     return {d: cached[d] for d in datasets}
 
 
-def _embed(adapter: DecoderAdapter, ids: torch.Tensor, device: torch.device,
-           chunk: int) -> torch.Tensor:
-    """Embedding output for every calibration window, float32 on the host."""
+def _embed(adapter: DecoderAdapter, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Embedding output for every calibration window (computed where the embedding lives),
+    float32 on the host."""
+    home = adapter.embed.weight.device
     with torch.no_grad():
-        parts = [adapter.embed(ids[i:i + chunk].to(device)).float().cpu()
+        parts = [adapter.embed(ids[i:i + chunk].to(home)).float().cpu()
                  for i in range(0, ids.shape[0], chunk)]
     return torch.cat(parts)
 

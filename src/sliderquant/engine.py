@@ -81,7 +81,12 @@ def learnable_state(layers: list[QuantDecoderLayer]) -> dict[str, torch.Tensor]:
 
 
 class Engine:
-    """Trains `layers` window by window on calibration hidden states."""
+    """Trains `layers` window by window on calibration hidden states.
+
+    Activations stay on the host; a layer is moved to `device` only while it is run or
+    trained and then returned to where it was, so a model larger than the accelerator
+    still fits as long as one window does.
+    """
 
     def __init__(
         self,
@@ -147,6 +152,27 @@ class Engine:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    @contextlib.contextmanager
+    def _placed(self, layers: list[QuantDecoderLayer]):
+        """`layers` on the compute device inside the block. After it their learnables go back
+        to the model's device and their frozen weights are again the model's own tensors, so
+        no second copy of a weight outlives the block."""
+        homes = [layer.input_norm.device for layer in layers]
+        if all(home == self.device for home in homes):
+            yield
+            return
+        frozen = [[(module, name, tensor) for module in layer.modules()
+                   for name, tensor in module.named_buffers(recurse=False)] for layer in layers]
+        for layer in layers:
+            layer.to(self.device)
+        try:
+            yield
+        finally:
+            for layer, home, buffers in zip(layers, homes, frozen, strict=True):
+                layer.to(home)
+                for module, name, tensor in buffers:
+                    module.register_buffer(name, tensor, persistent=False)
+
     @torch.no_grad()
     def _forward(self, layer_ids, x: torch.Tensor, quantized: bool, rate: float) -> torch.Tensor:
         """Run `x` (host) through the given layers in inference chunks; result on the host."""
@@ -155,7 +181,7 @@ class Engine:
             return x
         out = torch.empty_like(x)
         size = self.config.inference_batch_size
-        with self._autocast():
+        with self._placed([self.layers[i] for i in layer_ids]), self._autocast():
             for lo in range(0, x.shape[0], size):
                 h = x[lo:lo + size].to(self.device)
                 for i in layer_ids:
@@ -179,11 +205,12 @@ class Engine:
                                   retries=retry)
             began = time.perf_counter()
             try:
-                for k, rate in enumerate(unit.train_rates):
-                    generator = torch.Generator().manual_seed(
-                        self.config.seed * 1_000_003 + index * 17 + k)
-                    record.epoch_losses += self._optimise(layers, xq, target, rate,
-                                                          generator, lr_factor, bar)
+                with self._placed(layers):
+                    for k, rate in enumerate(unit.train_rates):
+                        generator = torch.Generator().manual_seed(
+                            self.config.seed * 1_000_003 + index * 17 + k)
+                        record.epoch_losses += self._optimise(layers, xq, target, rate,
+                                                              generator, lr_factor, bar)
                 record.seconds = time.perf_counter() - began
                 return record
             except NonFiniteLossError:
@@ -208,7 +235,6 @@ class Engine:
         cfg = self.config
         groups = {name: [] for name in ("lora", "scale", "clip")}
         for layer in layers:
-            layer.to(self.device)
             for name, params in layer.learnable_groups().items():
                 groups[name] += params
         lrs = cfg.learning_rates

@@ -9,6 +9,7 @@ from pathlib import Path
 from sliderquant.cli.options import (
     add_model_arguments,
     add_perplexity_arguments,
+    compute_device,
     parse_tasks,
     torch_dtype,
 )
@@ -50,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be a positive number of items (got {args.limit})")
     dtype = torch_dtype(args.dtype)
+    device = compute_device(args.device)
     loaded = api.load(args.model, args.data_dir, dtype, args.trust_remote_code)
+    loaded.model.to(device)
     reference = None
     if args.kl:
         if args.reference:
@@ -60,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             raise ConfigError("--kl compares MODEL with its FP model: pass --reference "
                                   "MODEL_FP (a run folder names its own)")
+        reference.model.to(device)
         say(args, f"KL reference: {reference.source}")
     results: dict = {"model": loaded.source}
     if perplexity_sets:

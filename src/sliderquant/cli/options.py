@@ -20,6 +20,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="dtype to load and save the model in (default float32)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow custom model code from the hub (off unless you pass it)")
+    p.add_argument("--device", help="where to compute: cpu, cuda or cuda:N (default: cuda if "
+                   "available, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -57,6 +59,26 @@ def parse_tasks(text: str, zeroshot: bool = False) -> tuple[str, ...]:
     if unknown:
         raise ConfigError(f"unknown task(s) {unknown}; available: {', '.join(available)}, none")
     return tuple(tasks)
+
+
+def compute_device(name: str | None):
+    """The torch device for `--device` (None: cuda if available, else cpu), checked to exist."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: this torch build or machine has no CUDA device; "
+                          "use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: only cpu and cuda are supported")
+    return device
 
 
 def torch_dtype(name: str):

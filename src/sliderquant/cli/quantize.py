@@ -8,6 +8,7 @@ from pathlib import Path
 from sliderquant.cli.options import (
     add_model_arguments,
     add_perplexity_arguments,
+    compute_device,
     parse_tasks,
     torch_dtype,
 )
@@ -84,7 +85,6 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
                    help="continue an interrupted run in --out from its last finished window")
     q.add_argument("--overwrite", action="store_true",
                    help="replace a finished or unfinished run in --out")
-    q.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     add_perplexity_arguments(q, default_tasks="wikitext2,c4")
     q.add_argument("--no-fp-reference", dest="fp_reference", action="store_false",
                    help="skip evaluating the unquantized model for comparison (cached per "
@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = _config_from_args(args)
     tasks = parse_tasks(args.tasks)
+    device = compute_device(args.device)
     loaded = api.load(args.model, args.data_dir, torch_dtype(args.dtype), args.trust_remote_code)
     if loaded.run is not None:
         raise api.RunFolderError(f"{args.model} is already a quantized run; quantize the "
@@ -116,19 +117,20 @@ def run(args: argparse.Namespace) -> int:
     fp = None
     if tasks and args.fp_reference:
         say(args, "evaluating the unquantized model (cached after the first time)")
-        fp = api.fp_reference(loaded.model, loaded.tokenizer, tasks, args.eval_seqlen,
-                              args.eval_windows, args.data_dir, not args.quiet)
+        fp = api.fp_reference(loaded.model.to(device), loaded.tokenizer, tasks,
+                              args.eval_seqlen, args.eval_windows, args.data_dir, not args.quiet)
+        loaded.model.to("cpu")  # quantization keeps the model on the host, windows on `device`
     say(args, f"quantizing {loaded.source}: {config.method} W{config.wbits}A{config.abits} "
          f"({config.preset}), {config.nsamples}x{config.seqlen} tokens of {config.calib}, "
          f"{config.epochs} epochs per window")
     result = api.quantize(loaded.model, loaded.tokenizer, config, data_dir=args.data_dir,
-                          device=args.device, output_dir=args.out, resume=args.resume,
+                          device=device, output_dir=args.out, resume=args.resume,
                           overwrite=args.overwrite, show_progress=not args.quiet)
     entries = {"model": loaded.source, "model_ref": api.loadable_ref(args.model),
                "model_note": loaded.note}
     if tasks:
         entries["eval"] = api.evaluate_perplexity(
-            result.model, loaded.tokenizer, tasks, args.eval_seqlen, args.eval_windows,
+            result.model.to(device), loaded.tokenizer, tasks, args.eval_seqlen, args.eval_windows,
             args.data_dir, not args.quiet)
         if fp is not None:
             entries["eval_fp"] = fp

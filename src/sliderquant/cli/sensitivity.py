@@ -10,7 +10,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sliderquant.cli.options import add_model_arguments, torch_dtype
+from sliderquant.cli.options import add_model_arguments, compute_device, torch_dtype
 from sliderquant.cli.printing import say
 from sliderquant.config import METHODS, PRESETS, ConfigError, QuantConfig
 from sliderquant.sensitivity import DEFAULT_THRESHOLD
@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = api.load(args.model, args.data_dir, torch_dtype(args.dtype), args.trust_remote_code)
     if loaded.run is not None:
         raise api.RunFolderError(f"{args.model} is a quantized run; scan the original model")
+    loaded.model.to(compute_device(args.device))
     began = time.perf_counter()
     first: list[float] = []  # when the FP evaluation (which also tokenizes the data) ended
 

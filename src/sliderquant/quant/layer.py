@@ -113,6 +113,7 @@ class QuantDecoderLayer(nn.Module):
                 q.shape[1], parts.num_heads, parts.num_kv_heads, parts.head_dim, up.shape[0],
                 spec.qk_scaling, spec.down_scaling, dtype=q.dtype,
             )
+        self.to(parts.input_norm.weight.device)  # learnables start where the weights are
 
     def base_weights(self) -> LayerWeights:
         w: LayerWeights = {"input_norm": self.input_norm, "post_norm": self.post_norm}
