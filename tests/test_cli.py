@@ -39,6 +39,18 @@ def test_bad_bits_is_a_clear_error(capsys, data_root, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize(("device", "message"), [
+    ("mps", "only cpu and cuda are supported"),
+    ("gpu0", "is not a device; use cpu, cuda or cuda:N"),
+    ("cuda:7", "CUDA device"),
+])
+def test_unusable_device_is_a_clear_error(capsys, data_root, tmp_path, device, message):
+    code = main(["eval", "stories260k", "--data-dir", str(data_root), "--device", device,
+                 "--tasks", "wikitext2", "--eval-seqlen", "64", "--eval-windows", "1"])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_group_size_must_divide_the_widths(capsys, data_root, tmp_path):
     code = main(["quantize", "stories260k", "--data-dir", str(data_root), "--group-size",
                  "128", "--seqlen", "128", "--calib", "wikitext2:valid",

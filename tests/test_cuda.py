@@ -78,5 +78,8 @@ def test_folded_model_equals_unfolded_student_on_cuda(family, spec):
     install_activation_quantization(adapter, spec.abits, spec.quantize_attention)
     with torch.no_grad():
         deployed = model(ids).logits
-    assert torch.allclose(deployed, student, atol=1e-4, rtol=1e-4), \
+    # with activation quantization, GPU kernels' summation order can flip a per-token
+    # rounding that the CPU path happens not to: one step of an 8-bit grid, ~1e-3 here
+    tol = 1e-4 if spec.abits >= 16 else 2e-3
+    assert torch.allclose(deployed, student, atol=tol, rtol=tol), \
         (deployed - student).abs().max()

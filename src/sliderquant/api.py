@@ -152,6 +152,8 @@ def quantize(
         config = QuantConfig.from_dict({**config.to_dict(), "calib": calib})
     adapter = preflight(model, config)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the report's peak is quantization's own
     data_root = resolve_data_root(data_dir)
     store = _prepare_output(Path(output_dir), resume, overwrite) if output_dir else None
 
