@@ -85,6 +85,11 @@ class QuantizeResult:
     grids: dict[str, torch.Tensor] = field(default_factory=dict)  # see fold.fold_layers
 
 
+def default_device() -> torch.device:
+    """Where work runs unless the caller says: cuda when torch sees a GPU, else cpu."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB (Linux/macOS)."""
     import resource
@@ -151,7 +156,7 @@ def quantize(
     if isinstance(calib, str):
         config = QuantConfig.from_dict({**config.to_dict(), "calib": calib})
     adapter = preflight(model, config)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device or default_device())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the report's peak is quantization's own
     data_root = resolve_data_root(data_dir)

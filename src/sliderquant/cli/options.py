@@ -65,8 +65,10 @@ def compute_device(name: str | None):
     """The torch device for `--device` (None: cuda if available, else cpu), checked to exist."""
     import torch
 
+    from sliderquant.api import default_device
+
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return default_device()
     try:
         device = torch.device(name)
     except RuntimeError:
