@@ -74,7 +74,9 @@ def ablation_suite() -> list[Cell]:
     Schedule ablations at W2A16 (where the differences are largest); channel scaling and
     LoRA at W4A4 without rotation (the only setting with channel scaling; the rotated W4A4
     run takes ~6x longer on this CPU, and without rotation the activation outliers that
-    channel scaling exists for are still there). Cells equal to a cell of another suite are
+    channel scaling exists for are still there). "A4 scope" quantizes the inputs of the
+    projections only, not q/k/v inside attention: auto-round's W4A4 scope, for the peer
+    table. Cells equal to a cell of another suite are
     not repeated: the SliderQuant W2A16 and W4A4-no-rotation defaults (main) and W2A16 g64
     (w2-investigation).
     """
@@ -100,6 +102,8 @@ def ablation_suite() -> list[Cell]:
     add("T10 CS/LoRA (W4A4 no rot.)", "LoRA only", [*w4a4, "--no-channel-scaling"])
     add("T10 CS/LoRA (W4A4 no rot.)", "neither (clipping only)",
         [*w4a4, "--lora-rank", "0", "--no-channel-scaling"])
+    add("A4 scope (W4A4 no rot.)", "projection inputs only",
+        [*w4a4, "--no-quantize-attention"])
     for n in (4, 8, 32):
         add("TF calibration samples", f"nsamples={n}", [*w2, "--nsamples", str(n)])
     add("TG group size", "g32", [*w2, "--group-size", "32"])

@@ -4,9 +4,10 @@ divergence from FP on WikiText-2 and C4.
     python benchmarks/zeroshot.py --data-dir ../shared/data --limit 300 --method sliderquant
 
 Steps, each a `sliderquant` command in its own process whose JSON is kept in --work (a
-finished step is not rerun unless --rerun): quantize SmolLM2 with the w4a16 --fast preset
-and --method, evaluate the FP model on the six tasks, evaluate the quantized run on the six
-tasks plus perplexity and KL(FP || Q). Results: docs/results/zeroshot.json and zeroshot.md.
+finished step of the same command is not rerun unless --rerun): quantize SmolLM2 with the
+w4a16 --fast preset and --method, evaluate the FP model on the six tasks, evaluate the
+quantized run on the six tasks plus perplexity and KL(FP || Q). Results:
+docs/results/zeroshot.json and zeroshot.md.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def steps(data_dir: str, work: Path, method: str, limit: int, seqlen: int,
           windows: int) -> list[tuple]:
     run = work / f"smollm2-w4a16-{method}"
     zeroshot = ["--tasks", ",".join(TASKS), "--limit", str(limit)]
+    fp_json, q_json = work / f"fp_zeroshot_{limit}.json", work / f"w4a16_zeroshot_{limit}.json"
     perplexity = ["--tasks", "wikitext2,c4", "--eval-seqlen", str(seqlen), "--eval-windows",
                   str(windows), "--kl"]
     return [
@@ -53,12 +55,10 @@ def steps(data_dir: str, work: Path, method: str, limit: int, seqlen: int,
          ["quantize", MODEL, "--preset", "w4a16", "--fast", "--method", method, "--calib",
           "wikitext2:valid", "--data-dir", data_dir, "--out", str(run), "--tasks", "none",
           "--quiet"]),
-        ("fp_zeroshot", work / "fp_zeroshot.json",
-         ["eval", MODEL, "--data-dir", data_dir, *zeroshot, "--quiet",
-          "--json", str(work / "fp_zeroshot.json")]),
-        ("w4a16_zeroshot", work / "w4a16_zeroshot.json",
-         ["eval", str(run), "--data-dir", data_dir, *zeroshot, "--quiet",
-          "--json", str(work / "w4a16_zeroshot.json")]),
+        ("fp_zeroshot", fp_json,
+         ["eval", MODEL, "--data-dir", data_dir, *zeroshot, "--quiet", "--json", str(fp_json)]),
+        ("w4a16_zeroshot", q_json,
+         ["eval", str(run), "--data-dir", data_dir, *zeroshot, "--quiet", "--json", str(q_json)]),
         ("w4a16_kl", work / "w4a16_kl.json",
          ["eval", str(run), "--data-dir", data_dir, *perplexity, "--quiet",
           "--json", str(work / "w4a16_kl.json")]),
@@ -164,7 +164,8 @@ def main() -> int:
                    f"--kl-windows {args.kl_windows}"}
     for key, output, cmd in steps(data_dir, args.work, args.method, args.limit,
                                   args.kl_seqlen, args.kl_windows):
-        if key in results and output.is_file() and not args.rerun:
+        if (key in results and results[key]["command"] == shown(cmd, args.work, data_dir)
+                and output.is_file() and not args.rerun):
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
         wall = None  # None: the output of an earlier run of the same command is reused

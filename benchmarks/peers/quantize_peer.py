@@ -9,12 +9,18 @@ evaluation windows, written by prepare.py). Writes OUT as a plain transformers f
 linear weights are the peer's dequantized (fake-quantized) weights, and OUT/peer.json with
 the quantize wall and CPU time, the process's peak RSS and the library versions. Imports
 nothing from sliderquant: the peers pin their own transformers.
+
+With --abits 4 (auto-round only) the activation quantizer lives in auto-round's in-memory
+wrappers and cannot travel in a plain folder, so the model is scored here, on prepare.py's
+evaluation windows with the per-window loop of sliderquant's evaluator, and OUT/peer.json
+also holds the perplexities (OUT then has no model files).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import shutil
 import time
@@ -22,6 +28,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -30,10 +37,12 @@ PEERS = ("hqq", "gptq", "autoround")
 DISTS = {"hqq": "hqq", "gptq": "llmcompressor", "autoround": "auto-round"}
 
 
-def linear_names(model: torch.nn.Module) -> list[str]:
-    """The decoder's projection layers (lm_head and embeddings stay FP, as in sliderquant)."""
-    return [n for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in PROJECTIONS]
+def projections(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The decoder's projection layers by name (lm_head and embeddings stay FP, as in
+    sliderquant); a layer auto-round wrapped for activation quantization counts as its layer."""
+    return {n: m for n, m in model.named_modules()
+            if n.rsplit(".", 1)[-1] in PROJECTIONS
+            and isinstance(getattr(m, "weight", None), torch.Tensor)}
 
 
 def quantize_hqq(model: torch.nn.Module, args: argparse.Namespace) -> dict:
@@ -43,9 +52,8 @@ def quantize_hqq(model: torch.nn.Module, args: argparse.Namespace) -> dict:
     params = BaseQuantizeConfig(nbits=args.wbits, group_size=args.group_size,
                                 axis=1)["weight_quant_params"]
     params = {**params, "bitpack": False, "device": "cpu", "compute_dtype": torch.float32}
-    modules = dict(model.named_modules())
-    for name in linear_names(model):
-        w = modules[name].weight
+    for m in projections(model).values():
+        w = m.weight
         w_q, meta = Quantizer.quantize(w.data, **params)
         w.data = Quantizer.dequantize(w_q, meta).to(w.dtype).reshape(w.shape)
     return {"params": {k: v for k, v in params.items() if k != "compute_dtype"}}
@@ -69,9 +77,7 @@ def quantize_gptq(model: torch.nn.Module, calib: torch.Tensor,
                                  "attention_mask": torch.ones_like(calib).tolist()})
     oneshot(model=model, dataset=dataset, recipe=modifier, max_seq_length=calib.shape[1],
             num_calibration_samples=calib.shape[0], shuffle_calibration_samples=False)
-    modules = dict(model.named_modules())
-    for name in linear_names(model):
-        m = modules[name]
+    for m in projections(model).values():
         # GPTQ leaves the dequantized weight in place; re-applying the grid is idempotent and
         # guarantees that what we save is exactly on it.
         m.weight.data = fake_quantize(m.weight.data, m.weight_scale, m.weight_zero_point,
@@ -82,12 +88,17 @@ def quantize_gptq(model: torch.nn.Module, calib: torch.Tensor,
 
 def quantize_autoround(model: torch.nn.Module, tokenizer, calib: torch.Tensor,
                        args: argparse.Namespace) -> dict:
-    """AutoRound (signed-gradient rounding and clipping), iters reduced for the CPU."""
+    """AutoRound (signed-gradient rounding and clipping), iters reduced for the CPU. With
+    abits < 16, its dynamic per-token asymmetric integer activation quantizer in front of
+    every projection, in the loop while tuning and at inference."""
     from auto_round import AutoRound
 
     options = dict(bits=args.wbits, group_size=args.group_size or -1, sym=False,
                    iters=args.iters, nsamples=calib.shape[0], seqlen=calib.shape[1],
                    batch_size=args.batch_size)
+    if args.abits < 16:
+        options.update(act_bits=args.abits, act_group_size=-1, act_sym=False,
+                       act_dynamic=True, act_data_type="int")
     ar = AutoRound(model, tokenizer, dataset=[row.unsqueeze(0) for row in calib],
                    device_map="cpu", **options)
     ar.quantize()
@@ -96,9 +107,8 @@ def quantize_autoround(model: torch.nn.Module, tokenizer, calib: torch.Tensor,
 
 def check_grid(model: torch.nn.Module, wbits: int, group_size: int | None) -> None:
     """Fail unless every weight row (or group) holds at most 2**wbits distinct values."""
-    modules = dict(model.named_modules())
-    for name in linear_names(model):
-        w = modules[name].weight.detach()
+    for name, m in projections(model).items():
+        w = m.weight.detach()
         rows = w.reshape(-1, group_size) if group_size else w
         worst = max(torch.unique(r).numel() for r in rows[:64])
         if worst > 2 ** wbits:
@@ -110,11 +120,22 @@ def save_plain(model: torch.nn.Module, fp: Path, out: Path) -> None:
     """Write FP's files with the quantized projections swapped in (same keys, dtype)."""
     shutil.copytree(fp, out, dirs_exist_ok=True)
     tensors = load_file(fp / "model.safetensors")
-    state = model.state_dict()
-    for name in linear_names(model):
+    for name, m in projections(model).items():
         key = f"{name}.weight"
-        tensors[key] = state[key].detach().to(tensors[key].dtype).contiguous()
+        tensors[key] = m.weight.detach().to(tensors[key].dtype).contiguous()
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:
+    """exp of the mean over windows of each window's mean next-token NLL (sliderquant's
+    eval/perplexity.py loop, restated here because this process cannot import sliderquant)."""
+    nlls = []
+    for row in windows:
+        ids = row.unsqueeze(0)
+        logits = model(input_ids=ids, use_cache=False).logits
+        nlls.append(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:]).item())
+    return math.exp(sum(nlls) / len(nlls))
 
 
 def main() -> None:
@@ -123,11 +144,17 @@ def main() -> None:
     ap.add_argument("peer", choices=PEERS)
     ap.add_argument("--wbits", type=int, required=True)
     ap.add_argument("--group-size", type=int, default=None, help="default: per channel")
+    ap.add_argument("--abits", type=int, default=16,
+                    help="activation bits (auto-round only; < 16 scores the model here)")
+    ap.add_argument("--eval-windows", type=int, default=None,
+                    help="with --abits: score only the first N windows per set (smoke runs)")
     ap.add_argument("--iters", type=int, default=50, help="auto-round tuning steps per block")
     ap.add_argument("--batch-size", type=int, default=8, help="auto-round batch size")
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    if args.abits < 16 and args.peer != "autoround":
+        ap.error(f"--abits {args.abits}: only auto-round quantizes activations here")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     inputs = torch.load(args.work / "inputs.pt")
@@ -142,7 +169,6 @@ def main() -> None:
         settings = quantize_autoround(model, tokenizer, inputs["calib"], args)
     quantize_s, quantize_cpu_s = time.perf_counter() - began, time.process_time() - cpu
     check_grid(model, args.wbits, args.group_size)
-    save_plain(model, args.work / "fp", args.out)
     record = {
         "peer": DISTS[args.peer], "settings": settings, "quantize_s": round(quantize_s, 1),
         "quantize_cpu_s": round(quantize_cpu_s, 1),
@@ -150,6 +176,17 @@ def main() -> None:
         "versions": {d: version(d) for d in (DISTS[args.peer], "torch", "transformers")},
         "calib": f"{inputs['calib_source']}, {list(inputs['calib'].shape)} token ids",
     }
+    if args.abits < 16:
+        args.out.mkdir(parents=True, exist_ok=True)
+        model.eval()
+        record["ppl"] = {task: perplexity(model, windows[:args.eval_windows])
+                         for task, windows in inputs["eval"].items()}
+        record["scored"] = (f"in auto-round's environment, {args.abits}-bit activations into "
+                            f"every projection, windows: " + ", ".join(
+                                f"{t} {list(w[:args.eval_windows].shape)}"
+                                for t, w in inputs["eval"].items()))
+    else:
+        save_plain(model, args.work / "fp", args.out)
     (args.out / "peer.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(record))
 
