@@ -76,9 +76,8 @@ def ablation_suite() -> list[Cell]:
     run takes ~6x longer on this CPU, and without rotation the activation outliers that
     channel scaling exists for are still there). "A4 scope" quantizes the inputs of the
     projections only, not q/k/v inside attention: auto-round's W4A4 scope, for the peer
-    table. Cells equal to a cell of another suite are
-    not repeated: the SliderQuant W2A16 and W4A4-no-rotation defaults (main) and W2A16 g64
-    (w2-investigation).
+    table. Cells equal to a cell of another suite are not repeated: the SliderQuant W2A16
+    and W4A4-no-rotation defaults (main) and W2A16 g64 (w2-investigation).
     """
     w2 = ["--preset", "w2a16", *BUDGET]
     w4a4 = ["--preset", "w4a4", "--no-rotate", *BUDGET]

@@ -179,12 +179,11 @@ def main() -> None:
     if args.abits < 16:
         args.out.mkdir(parents=True, exist_ok=True)
         model.eval()
-        record["ppl"] = {task: perplexity(model, windows[:args.eval_windows])
-                         for task, windows in inputs["eval"].items()}
+        windows = {task: w[:args.eval_windows] for task, w in inputs["eval"].items()}
+        record["ppl"] = {task: perplexity(model, w) for task, w in windows.items()}
         record["scored"] = (f"in auto-round's environment, {args.abits}-bit activations into "
-                            f"every projection, windows: " + ", ".join(
-                                f"{t} {list(w[:args.eval_windows].shape)}"
-                                for t, w in inputs["eval"].items()))
+                            "every projection, windows: "
+                            + ", ".join(f"{t} {list(w.shape)}" for t, w in windows.items()))
     else:
         save_plain(model, args.work / "fp", args.out)
     (args.out / "peer.json").write_text(json.dumps(record, indent=1))

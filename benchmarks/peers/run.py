@@ -4,8 +4,8 @@
 
 Each cell quantizes in its own process in the peer's environment (quantize_peer.py), then
 `sliderquant eval` scores the saved fake-quant folder; a W4A4 cell is scored inside the
-peer's process instead (its activation quantizer does not travel in a folder). Results accumulate in
-docs/results/peers.json (a finished cell is not rerun unless --rerun) and
+peer's process instead (its activation quantizer does not travel in a folder). Results
+accumulate in docs/results/peers.json (a finished cell is not rerun unless --rerun) and
 docs/results/peers.md holds the table.
 """
 
@@ -46,9 +46,12 @@ def ours(method: str) -> dict[str, tuple[float, float]]:
     """(WikiText-2, C4) of our `method` per peer setting where measured, and "FP"."""
     out = {}
     for setting, (suite, cell) in OUR_CELL.items():
-        key = cell if suite == "ablations" else f"{cell}/{method}"
-        if suite == "ablations" and method != "sliderquant":
-            continue
+        if suite == "ablations":  # SliderQuant-only cells, keyed without a method
+            if method != "sliderquant":
+                continue
+            key = cell
+        else:
+            key = f"{cell}/{method}"
         r = read_results(RESULTS / f"{suite}.json").get(key, {})
         if "ppl" in r:
             out[setting] = (r["ppl"]["wikitext2"], r["ppl"]["c4"])
@@ -113,9 +116,9 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
             return {"error": done.stderr.strip()[-3000:], "command": _show(cmd, out)}
         record = json.loads((out / "peer.json").read_text())
         record["command"] = _show(cmd, out)
-        report = out.parent / "eval.json"
         if "ppl" in record:  # scored in the peer's process (W4A4)
             return record
+        report = out.parent / "eval.json"
         ev = subprocess.run([sys.executable, "-m", "sliderquant", "eval", str(out), "--quiet",
                              "--data-dir", args.data_dir, *EVAL, "--json", str(report)],
                             capture_output=True, text=True)
@@ -188,8 +191,9 @@ def write_markdown(results: dict) -> Path:
         "projection (`act_bits=4, act_group_size=-1, act_sym=False, act_dynamic=True`), in its "
         "tuning loop and at inference; no quantization of q/k/v inside attention. Scored in "
         "auto-round's process on prepare.py's windows with the loop of sliderquant's "
-        "evaluator (checked: the FP model gives the same first-window perplexity, 15.147 / "
-        "33.402, in both). Its sliderquant column is our W4A4 no-rotation --fast run with "
+        "evaluator (checked on 2026-11-26: `perplexity` of quantize_peer.py on WORK/fp and "
+        "`sliderquant eval smollm2-135m --tasks wikitext2,c4 --eval-windows 1` both give "
+        "15.147 / 33.402). Its sliderquant column is our W4A4 no-rotation --fast run with "
         "`--no-quantize-attention`, the same scope (ablations.md); main.md's W4A4 rows also "
         "quantize q/k/v.",
         "Versions: " + "; ".join(f"{venv}: {', '.join(v)}"
