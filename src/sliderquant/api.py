@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sliderquant import __version__
-from sliderquant.atomic import write_text
+from sliderquant.atomic import apply_umask, write_text
 from sliderquant.checkpoint import CheckpointError, CheckpointStore
 from sliderquant.config import AUTO_SCHEDULE, ConfigError, QuantConfig
 from sliderquant.data import (
@@ -260,6 +260,7 @@ def save_quantized(result: QuantizeResult, tokenizer, output_dir: str | os.PathL
             save_file({k: v.contiguous() for k, v in result.grids.items()},
                       str(Path(staging) / GRID_FILE))
         for item in Path(staging).iterdir():
+            apply_umask(item)  # safetensors writes its files 0600
             os.replace(item, out / item.name)
     write_text(out / RUN_FILE, json.dumps(result.report, indent=1))
     return out

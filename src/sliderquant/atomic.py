@@ -1,7 +1,8 @@
 """Atomic writes that respect the umask: stage next to the target, then rename over it.
 
 Files come out with mode `0o666 & ~umask` and folders with `0o777 & ~umask`, as if created
-with `open()` / `mkdir()` (tempfile's private 0600 / 0700 modes are not kept).
+with `open()` / `mkdir()`: the private 0600 / 0700 modes of tempfile (and of safetensors'
+`save_file`, which writes through a temporary file) are not kept.
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ def current_umask() -> int:
     return mask
 
 
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give `path` (and, for a folder, everything in it) the modes the umask allows."""
+    path = Path(path)
+    mask = current_umask()
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not item.is_symlink():
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 @contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `target`; on success it replaces `target` atomically.
@@ -39,7 +49,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~current_umask())
+        apply_umask(tmp_path)
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -57,8 +67,8 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     try:
-        os.chmod(staging, 0o777 & ~current_umask())
         yield staging
+        apply_umask(staging)
         if not target.exists():
             os.replace(staging, target)
             return
