@@ -205,8 +205,13 @@ def engine_notes(bits: int, group_size: int | None, symmetric: bool, act_bits: i
                        f"not {group_size}")
     if act_bits is not None:
         why_not.append(f"it has no int{act_bits}-activation kernel")
-    notes.append(f"vLLM: cannot run it ({'; '.join(why_not)})" if why_not else
-                 "vLLM: the compressed-tensors WNA16 scheme should run it (not tried here)")
+    if why_not:
+        notes.append(f"vLLM: cannot run it ({'; '.join(why_not)})")
+    elif symmetric:
+        notes.append("vLLM: its compressed-tensors WNA16 scheme should run it (not tried here)")
+    else:
+        notes.append("vLLM: recent versions' WNA16 scheme takes zero points, older ones only "
+                     "symmetric weights (not tried here)")
     if act_bits is not None and quantize_attention:
         notes.append("q/k/v quantization inside attention is not expressible in "
                      "compressed-tensors: engines run attention in float (sliderquant "
