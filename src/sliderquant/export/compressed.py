@@ -76,6 +76,7 @@ def write_compressed(
     input quantization unless `drop_activation_quantization`.
     """
     bits, group_size = config.wbits, config.group_size
+    grids = {k: v.detach().cpu() for k, v in grids.items()}
     if not grids:
         raise ExportError("this run quantized no weights; there is nothing to compress "
                           "(the run folder itself is the full-precision model)")
@@ -121,9 +122,9 @@ def write_compressed(
         result.tensors.append(TensorReport(
             name=module, storage=f"int{bits} {'sym' if symmetric else 'asym'}",
             status="exact", params=tensor.numel(),
-            max_step_error=float((diff.abs() / step.double().cpu().repeat_interleave(
+            max_step_error=float((diff.abs() / step.double().repeat_interleave(
                 width, 1)).max()),
-            rel_rms_error=float(diff.norm() / tensor.detach().double().norm())))
+            rel_rms_error=float(diff.norm() / tensor.detach().double().cpu().norm())))
 
     ignore = [name for name, m in model.named_modules()
               if isinstance(m, nn.Linear) and not is_quantized(grids, name)]

@@ -96,6 +96,7 @@ def write_gguf(
 
     arch_name = gguf.MODEL_ARCH_NAMES[arch]
     names = gguf.get_tensor_name_map(arch, adapter.num_layers)
+    grids = {k: v.detach().cpu() for k, v in grids.items()}
     result = ExportResult(path=out, format="gguf", size_bytes=0)
 
     def note(text: str) -> None:
@@ -123,7 +124,7 @@ def write_gguf(
             if base is None:
                 raise ExportError(f"no GGUF name for tensor {hf_name}")
             name = f"{base}.{suffix}"
-            data = _to_llama_layout(arch, name, tensor.detach().float(), adapter)
+            data = _to_llama_layout(arch, name, tensor.detach().float().cpu(), adapter)
             if is_quantized(grids, module) and suffix == "weight":
                 s, z, c = (_to_llama_layout(arch, name, torch.from_numpy(a), adapter).numpy()
                            for a in grid_codes(module, tensor, grids, config.wbits))
