@@ -83,9 +83,8 @@ def write_compressed(
     dtype = dtype or _config_dtype(model.config)
     if dtype not in FLOAT_DTYPES.values():
         raise ExportError(f"dtype {dtype}: use one of {', '.join(FLOAT_DTYPES)}")
-    offset = 2 ** (bits - 1)
     zeros = [v for k, v in grids.items() if k.endswith(".zero")]
-    symmetric = all(bool((z == offset).all()) for z in zeros)
+    symmetric = all(bool((z == 2 ** (bits - 1)).all()) for z in zeros)
     outside = sum(int(((z < 0) | (z > 2**bits - 1)).sum()) for z in zeros)
     if outside:
         raise ExportError(
@@ -94,38 +93,7 @@ def write_compressed(
     act_bits = config.abits if config.abits < 16 and not drop_activation_quantization else None
 
     result = ExportResult(path=out, format=FORMAT, size_bytes=0)
-    state: dict[str, torch.Tensor] = {}
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    for name, tensor in model.state_dict().items():
-        module, _, suffix = name.rpartition(".")
-        if name == "lm_head.weight" and tied:
-            continue
-        if not (is_quantized(grids, module) and suffix == "weight"):
-            state[name] = (tensor.to(dtype) if tensor.is_floating_point() else tensor
-                           ).contiguous().cpu()
-            continue
-        step = grids[f"{module}.step"]
-        zero = grids[f"{module}.zero"]
-        _, _, codes = grid_codes(module, tensor, grids, bits)
-        scale = step.to(dtype).contiguous()
-        state[f"{module}.weight_packed"] = pack_int32(
-            torch.from_numpy(codes).to(torch.int64) - offset, bits)
-        state[f"{module}.weight_scale"] = scale
-        if not symmetric:
-            state[f"{module}.weight_zero_point"] = pack_int32(
-                zero.to(torch.int64) - offset, bits, dim=0)
-        state[f"{module}.weight_shape"] = torch.tensor(list(tensor.shape), dtype=torch.int64)
-        restored = dequantize(state[f"{module}.weight_packed"], scale.double(),
-                              state.get(f"{module}.weight_zero_point"), tensor.shape, bits)
-        diff = restored - tensor.detach().double().cpu()
-        width = tensor.shape[1] // step.shape[1]
-        result.tensors.append(TensorReport(
-            name=module, storage=f"int{bits} {'sym' if symmetric else 'asym'}",
-            status="exact", params=tensor.numel(),
-            max_step_error=float((diff.abs() / step.double().repeat_interleave(
-                width, 1)).max()),
-            rel_rms_error=float(diff.norm() / tensor.detach().double().cpu().norm())))
-
+    state = _compressed_state(model, grids, bits, dtype, symmetric, result.tensors)
     ignore = [name for name, m in model.named_modules()
               if isinstance(m, nn.Linear) and not is_quantized(grids, name)]
     hf_config = copy.deepcopy(model.config)
@@ -149,6 +117,45 @@ def write_compressed(
             "notes": result.notes})
     result.size_bytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     return result
+
+
+def _compressed_state(model: nn.Module, grids: dict[str, torch.Tensor], bits: int,
+                      dtype: torch.dtype, symmetric: bool, reports: list[TensorReport]
+                      ) -> dict[str, torch.Tensor]:
+    """The safetensors state: packed codes, scales and zero points per quantized Linear
+    (each one reported in `reports`), every other tensor in `dtype`."""
+    offset = 2 ** (bits - 1)
+    state: dict[str, torch.Tensor] = {}
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for name, tensor in model.state_dict().items():
+        module, _, suffix = name.rpartition(".")
+        if name == "lm_head.weight" and tied:
+            continue
+        if not (is_quantized(grids, module) and suffix == "weight"):
+            state[name] = (tensor.to(dtype) if tensor.is_floating_point() else tensor
+                           ).contiguous().cpu()
+            continue
+        step, zero = grids[f"{module}.step"], grids[f"{module}.zero"]
+        _, _, codes = grid_codes(module, tensor, grids, bits)
+        scale = step.to(dtype).contiguous()
+        state[f"{module}.weight_packed"] = pack_int32(
+            torch.from_numpy(codes).to(torch.int64) - offset, bits)
+        state[f"{module}.weight_scale"] = scale
+        if not symmetric:
+            state[f"{module}.weight_zero_point"] = pack_int32(
+                zero.to(torch.int64) - offset, bits, dim=0)
+        state[f"{module}.weight_shape"] = torch.tensor(list(tensor.shape), dtype=torch.int64)
+        weight = tensor.detach().double().cpu()
+        diff = dequantize(state[f"{module}.weight_packed"], scale.double(),
+                          state.get(f"{module}.weight_zero_point"), tensor.shape, bits) - weight
+        width = tensor.shape[1] // step.shape[1]
+        reports.append(TensorReport(
+            name=module, storage=f"int{bits} {'sym' if symmetric else 'asym'}",
+            status="exact", params=tensor.numel(),
+            max_step_error=float((diff.abs() / step.double().repeat_interleave(
+                width, 1)).max()),
+            rel_rms_error=float(diff.norm() / weight.norm())))
+    return state
 
 
 def quantization_config(bits: int, group_size: int | None, symmetric: bool,
