@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from sliderquant.quant.quantizer import WeightQuantizer, fake_quantize, quant_params
+from sliderquant.quant.learnables import Clipping
+from sliderquant.quant.quantizer import WeightFormat, fake_quantize, quant_params, weight_grid
 
 
 def test_sixteen_bits_is_identity():
@@ -62,26 +63,29 @@ def test_straight_through_gradient_and_clipping_gradient():
     inner[torch.arange(5), x.argmax(1)] = False
     inner[torch.arange(5), x.argmin(1)] = False
     assert torch.allclose(x.grad[inner], torch.ones(int(inner.sum())))
-    wq = WeightQuantizer(5, 8, bits=2, group_size=None, lwc=True)
-    (wq(x.detach()) ** 2).sum().backward()
-    assert wq.clip_upper.grad.abs().sum() > 0 and wq.clip_lower.grad.abs().sum() > 0
+    clip = Clipping(5, 1)
+    (fake_quantize(x.detach(), 2, **clip.quantizer_args()) ** 2).sum().backward()
+    assert clip.upper.grad.abs().sum() > 0 and clip.lower.grad.abs().sum() > 0
 
 
 def test_clipping_shrinks_the_range():
     x = torch.linspace(-1, 1, 33).unsqueeze(0)
-    wq = WeightQuantizer(1, 33, bits=4, group_size=None, lwc=True)
+    clip = Clipping(1, 1)
     with torch.no_grad():
-        wq.clip_upper.fill_(-1.0)  # sigmoid(-1) ≈ 0.27 of the max
-    assert wq(x).max() < 0.3
+        clip.upper.fill_(-1.0)  # sigmoid(-1) ≈ 0.27 of the max
+    assert fake_quantize(x, 4, **clip.quantizer_args()).max() < 0.3
 
 
 def test_integers_reconstruct_the_fake_quantized_weight():
     torch.manual_seed(4)
     w = torch.randn(6, 32)
-    wq = WeightQuantizer(6, 32, bits=3, group_size=8, lwc=True)
+    clip = Clipping(6, 4)
     with torch.no_grad():
-        wq.clip_upper.uniform_(1, 4)
-    codes, step, zero = wq.integers(w)
+        clip.upper.uniform_(1, 4)
+    grid = weight_grid(w, WeightFormat(3, 8), **clip.quantizer_args())
+    codes, step, zero = grid.codes, grid.step, grid.zero
     assert codes.min() >= 0 and codes.max() <= 7
     rebuilt = ((codes.view(6, 4, 8) - zero[..., None]) * step[..., None]).view(6, 32)
-    assert torch.allclose(rebuilt, wq(w).detach(), atol=1e-6)
+    fake = fake_quantize(w, 3, group_size=8, **clip.quantizer_args()).detach()
+    assert torch.equal(rebuilt, fake)
+    assert torch.equal(grid.dequantize(), fake)

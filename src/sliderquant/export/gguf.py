@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
-from sliderquant import __version__
 from sliderquant.atomic import atomic_path
 from sliderquant.export.gguf_blocks import ENCODERS
 from sliderquant.export.gguf_vocab import convert_tokenizer, copy_field, copy_tokenizer
 from sliderquant.export.source import ExportError, ExportResult, QuantizedRun, TensorReport
 from sliderquant.models.adapters import DecoderAdapter
+from sliderquant.version import __version__
 
 NATURAL = {2: T.Q2_K, 3: T.Q3_K, 4: T.Q4_1, 8: T.Q8_0}
 FILE_TYPES = {T.Q2_K: gguf.LlamaFileType.MOSTLY_Q2_K, T.Q3_K: gguf.LlamaFileType.MOSTLY_Q3_K_M,
@@ -52,7 +52,7 @@ def export_gguf(
 ) -> ExportResult:
     """Write `run` as a GGUF file at `out` (atomically) and report every tensor."""
     adapter = DecoderAdapter(run.model)
-    arch = ARCHITECTURES.get(adapter.family.name)
+    arch = ARCHITECTURES.get(adapter.family.gguf_architecture)
     if arch is None:
         raise ExportError(f"GGUF export supports {', '.join(ARCHITECTURES)} models, not "
                           f"{adapter.family.name}")
