@@ -46,7 +46,6 @@ class QuantDecoderLayer(nn.Module):
     def __init__(self, parts: LayerParts, spec: LayerQuantSpec,
                  generator: torch.Generator | None = None):
         super().__init__()
-        self.spec = spec
         self.attn = QuantAttention(parts.attn, spec, generator)
         self.mlp = FEED_FORWARD_BLOCKS[type(parts.mlp)](parts.mlp, spec, generator)
         self.to(parts.attn.norm.device)  # learnables start where the weights are
