@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from sliderquant.config import QuantConfig
+
 ENV_DATA = "SLIDERQUANT_DATA"
 CALIB_SOURCES = ("wikitext2:train", "wikitext2:valid", "c4")
 _WIKITEXT_FILES = {"train": "train.txt", "valid": "valid.txt", "test": "test.txt"}
@@ -126,6 +128,14 @@ def calibration_windows(
 def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
     """Tokenize `text` as one sequence (tokenizer's default special tokens), as a 1-D tensor."""
     return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+
+
+def calibration_ids(tokenizer, config: QuantConfig, data_root: Path | None = None
+                    ) -> torch.Tensor:
+    """The calibration windows a config asks for, [nsamples, seqlen] token ids."""
+    text = calibration_text(config.calib, data_root)
+    return calibration_windows(tokenize_stream(tokenizer, text), config.nsamples,
+                               config.seqlen, config.seed)
 
 
 def c4_eval_windows(tokenizer, documents: list[str], seqlen: int, count: int) -> torch.Tensor:

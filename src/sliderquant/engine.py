@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from sliderquant.checkpoint import CheckpointError, CheckpointStore
 from sliderquant.config import QuantConfig
 from sliderquant.quant.layer import QuantDecoderLayer
+from sliderquant.quant.learnables import optimiser_groups
 from sliderquant.schedule import Window, build_schedule, check_coverage, fixed, parse_schedule
 
 MAX_RETRIES = 2  # a window whose loss turns non-finite is retried this often at half the LR
@@ -157,7 +158,7 @@ class Engine:
         """`layers` on the compute device inside the block. After it their learnables go back
         to the model's device and their frozen weights are again the model's own tensors, so
         no second copy of a weight outlives the block."""
-        homes = [layer.input_norm.device for layer in layers]
+        homes = [layer.device for layer in layers]
         if all(home == self.device for home in homes):
             yield
             return
@@ -233,13 +234,9 @@ class Engine:
 
     def _optimise(self, layers, xq, target, rate, generator, lr_factor, bar) -> list[float]:
         cfg = self.config
-        groups = {name: [] for name in ("lora", "scale", "clip")}
-        for layer in layers:
-            for name, params in layer.learnable_groups().items():
-                groups[name] += params
         lrs = cfg.learning_rates
         param_groups = [{"params": p, "lr": lrs[name] * lr_factor}
-                        for name, p in groups.items() if p and lrs[name] > 0]
+                        for name, p in optimiser_groups(layers).items() if p and lrs[name] > 0]
         n = xq.shape[0]
         epochs = cfg.epochs_per_stage
         total = epochs * math.ceil(n / cfg.batch_size)
