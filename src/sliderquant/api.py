@@ -27,6 +27,7 @@ from sliderquant.atomic import apply_umask, write_text
 from sliderquant.checkpoint import CheckpointError, CheckpointStore
 from sliderquant.config import ConfigError, QuantConfig
 from sliderquant.data import DataError, calibration_ids, resolve_data_root
+from sliderquant.distributed import Collective
 from sliderquant.engine import NonFiniteLossError, WindowRecord
 from sliderquant.eval.divergence import window_divergence
 from sliderquant.eval.perplexity import eval_windows, perplexity_from_nlls, window_nlls
@@ -92,13 +93,17 @@ def quantize(
     learnables are checkpointed after every window (`resume=True` continues a killed run)
     and the folded model is saved there when done (see `save_quantized`). A folder that
     holds a finished run is refused unless `overwrite=True`.
+
+    Called on every rank of an initialised `torch.distributed` process group, the run is
+    data parallel (docs/DISTRIBUTED.md): same result, calibration caches split over the
+    ranks; rank 0 alone touches `output_dir`, every rank returns the folded model.
     """
     result = run_pipeline(
         model, tokenizer, config, calib, data_dir=data_dir, device=device, resume=resume,
         open_store=(lambda: _prepare_output(Path(output_dir), resume, overwrite))
         if output_dir else None,
         show_progress=show_progress, on_unit_end=on_unit_end)
-    if output_dir:
+    if output_dir and Collective().is_main:
         save_quantized(result, tokenizer, output_dir)
     return result
 

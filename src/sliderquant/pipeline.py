@@ -4,6 +4,11 @@ preflight -> calibration ids -> (rotation) -> (auto schedule) -> quantize every 
 
 Run folders (checkpoint location, saving, the run record on disk) belong to the caller
 (`api.quantize`); the pipeline only receives the checkpoint store to use.
+
+Inside an initialised `torch.distributed` process group every rank runs this pipeline on
+its own copy of the model; the calibration windows are sharded over the ranks (see
+engine.py), the store is opened and the auto schedule resolved by rank 0 alone, and every
+rank returns the same folded model.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from sliderquant.checkpoint import CheckpointStore
 from sliderquant.config import AUTO_SCHEDULE, ConfigError, QuantConfig
 from sliderquant.data import calibration_ids, resolve_data_root
+from sliderquant.distributed import Collective
 from sliderquant.engine import WindowRecord, make_schedule
 from sliderquant.fold import install_activation_quantization
 from sliderquant.hardware import default_device, peak_rss_mb
@@ -76,10 +82,11 @@ def quantize(
     """Quantize `model` in place with `config`; return the folded model and its report.
 
     `calib`: a calibration source name (overrides `config.calib`) or token ids [n, seqlen].
-    `open_store` is called once the inputs are checked and before any expensive work; the
-    store it returns receives a checkpoint after every window (`resume` continues from it).
-    See `api.quantize` for the rest.
+    `open_store` is called (by rank 0 alone) once the inputs are checked and before any
+    expensive work; the store it returns receives a checkpoint after every window (`resume`
+    continues from it). See `api.quantize` for the rest.
     """
+    comm = Collective()
     timings: dict[str, float] = {}
     began = time.perf_counter()
     if isinstance(calib, str):
@@ -89,7 +96,7 @@ def quantize(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the report's peak is quantization's own
     data_root = resolve_data_root(data_dir)
-    store = open_store() if open_store else None
+    store = comm.on_main(open_store) if open_store else None
 
     t = time.perf_counter()
     if isinstance(calib, torch.Tensor):
@@ -105,6 +112,7 @@ def quantize(
     fingerprint = hashlib.sha256(
         (config.fingerprint() + model_fingerprint(model)).encode()
         + ids.numpy().tobytes()).hexdigest()[:16]
+    comm.check_same(fingerprint, "the model, settings or calibration windows")
 
     rotation = None
     if config.rotate:
@@ -115,13 +123,14 @@ def quantize(
     auto = None
     if config.schedule == AUTO_SCHEDULE:
         t = time.perf_counter()
-        config, auto = resolve_auto_schedule(model, config, ids)
+        config, auto = comm.on_main(lambda: resolve_auto_schedule(model, config, ids))
         timings["auto_schedule_s"] = time.perf_counter() - t
 
+    memory: dict[str, int] = {}
     records, grids = quantize_span(adapter, config, ids, device, store=store,
                                    fingerprint=fingerprint, resume=resume,
                                    on_unit_end=on_unit_end, show_progress=show_progress,
-                                   timings=timings)
+                                   timings=timings, memory=memory, collective=comm)
     t = time.perf_counter()
     install_activation_quantization(adapter, config.abits, config.quantize_attention)
     timings["fold_s"] += time.perf_counter() - t
@@ -145,4 +154,15 @@ def quantize(
     }
     if device.type == "cuda":
         report["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    report["ranks"] = _rank_report(comm, len(ids), memory.get("peak_cache_bytes", 0), report)
     return QuantizeResult(model=model, report=report, grids=grids)
+
+
+def _rank_report(comm: Collective, num_samples: int, cache_bytes: int, report: dict) -> dict:
+    """Per rank (in rank order): calibration windows held, peak bytes of the activation
+    caches, peak RSS (and GPU) MiB. One rank when the run was not data parallel."""
+    mine = {"samples": len(comm.shard(num_samples)), "peak_cache_bytes": cache_bytes,
+            "peak_rss_mb": report["peak_rss_mb"], "peak_gpu_mb": report.get("peak_gpu_mb")}
+    ranks = comm.gather(mine)
+    return {"world_size": comm.world_size, "backend": comm.backend,
+            **{key: [r[key] for r in ranks] for key in mine}}

@@ -1,10 +1,15 @@
-"""`sliderquant quantize`: quantize, fold, save and evaluate a model."""
+"""`sliderquant quantize`: quantize, fold, save and evaluate a model.
+
+Under `torchrun --nproc-per-node N` every rank quantizes (data parallel, see
+docs/DISTRIBUTED.md); rank 0 alone evaluates, writes the run folder and prints.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from sliderquant import distributed
 from sliderquant.cli.options import (
     add_model_arguments,
     add_perplexity_arguments,
@@ -106,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
 
     config = _config_from_args(args)
     tasks = parse_tasks(args.tasks)
-    device = compute_device(args.device)
+    device = distributed.launch(compute_device(args.device))
+    main = distributed.Collective().is_main
+    args.quiet = args.quiet or not main
     loaded = api.load(args.model, args.data_dir, torch_dtype(args.dtype), args.trust_remote_code)
     if loaded.run is not None:
         raise api.RunFolderError(f"{args.model} is already a quantized run; quantize the "
@@ -115,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     if tasks:
         DecoderAdapter(loaded.model).check_context(args.eval_seqlen)
     fp = None
-    if tasks and args.fp_reference:
+    if tasks and args.fp_reference and main:
         say(args, "evaluating the unquantized model (cached after the first time)")
         fp = api.fp_reference(loaded.model.to(device), loaded.tokenizer, tasks,
                               args.eval_seqlen, args.eval_windows, args.data_dir, not args.quiet)
@@ -126,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
     result = api.quantize(loaded.model, loaded.tokenizer, config, data_dir=args.data_dir,
                           device=device, output_dir=args.out, resume=args.resume,
                           overwrite=args.overwrite, show_progress=not args.quiet)
+    if not main:
+        return 0
     entries = {"model": loaded.source, "model_ref": api.loadable_ref(args.model),
                "model_note": loaded.note}
     if tasks:
