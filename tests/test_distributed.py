@@ -60,7 +60,7 @@ def test_a_shard_picks_its_members_of_a_batch():
 
 def test_a_single_process_is_a_world_of_one():
     comm = Collective()
-    assert (comm.rank, comm.world_size, comm.is_main, comm.parallel) == (0, 1, True, False)
+    assert (comm.rank, comm.world_size, comm.is_main, comm.active) == (0, 1, True, False)
     assert comm.on_main(lambda: 42) == 42 and comm.gather("x") == ["x"]
     p = torch.nn.Parameter(torch.ones(3))
     (p * 2).sum().backward()
@@ -68,7 +68,12 @@ def test_a_single_process_is_a_world_of_one():
     assert p.grad.tolist() == [2.0, 2.0, 2.0]  # untouched
 
 
-# ---- spawned Gloo groups -------------------------------------------------------------------
+# ---- Gloo groups ---------------------------------------------------------------------------
+
+# Ranks are forked from a server that imported these once, not spawned (each spawned rank
+# would spend seconds importing transformers); the server has run no torch threads.
+PRELOAD = ["torch", "transformers.models.llama.modeling_llama", "sliderquant.api"]
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -87,29 +92,35 @@ def _member(rank: int, world: int, port: int, threads: int, task, args) -> None:
 
 
 def run_group(world: int, task, *args, expect_exit: int | None = None) -> None:
-    """Run `task(rank, *args)` in `world` spawned processes joined in a Gloo group. A rank
-    that raises or exits fails the group (the others are terminated); so does the deadline.
-    With `expect_exit`, some rank must exit with that code."""
+    """Run `task(rank, *args)` in `world` processes joined in a Gloo group. A rank that
+    raises or exits fails the group (the others are terminated); so does the deadline.
+    With `expect_exit`, rank 0 must end with that exit code instead."""
+    forkserver = mp.get_context("forkserver")
+    forkserver.set_forkserver_preload(PRELOAD)
     context = mp.start_processes(
         _member, args=(world, _free_port(), torch.get_num_threads(), task, args),
-        nprocs=world, join=False, start_method="spawn")
+        nprocs=world, join=False, start_method="forkserver")
     deadline = time.monotonic() + DEADLINE_S
     try:
         while not context.join(timeout=max(1.0, deadline - time.monotonic())):
             if time.monotonic() > deadline:
                 pytest.fail(f"the {world}-process group did not finish in {DEADLINE_S} s")
-    except mp.ProcessExitedException as e:
-        if expect_exit is None or e.exit_code != expect_exit:
+    except (mp.ProcessExitedException, mp.ProcessRaisedException):
+        # the partners of a rank that died fail at their next collective
+        context.processes[0].join(timeout=10)
+        if expect_exit is None or context.processes[0].exitcode != expect_exit:
             raise
         return
     finally:
         for process in context.processes:
             if process.is_alive():
                 process.kill()
-    assert expect_exit is None, f"no rank exited with {expect_exit}"
+    assert expect_exit is None, f"rank 0 did not exit with {expect_exit}"
 
 
-def _two_rank_runs(rank: int, out: Path, log: Path) -> None:
+def _two_rank_runs(rank: int, out: Path, log: Path, killed: Path) -> None:
+    """Everything the tests need from two ranks, in one group: a run, a refused second
+    run, a run with one calibration window, and last a run rank 0 dies in."""
     from safetensors.torch import save_file
 
     result = quantize(tiny_model(layers=LAYERS), None, config(), calib=CALIB, output_dir=out,
@@ -123,20 +134,17 @@ def _two_rank_runs(rank: int, out: Path, log: Path) -> None:
     (log / f"rank{rank}.json").write_text(json.dumps(
         {"report": result.report, "refused": refused,
          "files": sorted(p.name for p in out.iterdir())}))
-    # one calibration window for two ranks: rank 1 holds none
     lone = quantize(tiny_model(layers=2), None, config(**LONE), calib=CALIB[:1],
                     show_progress=False)
     (log / f"lone{rank}.json").write_text(json.dumps(lone.report))
     save_file(lone.model.state_dict(), str(log / f"lone{rank}.safetensors"))
 
-
-def _quantize_killed(rank: int, out: Path) -> None:
     def kill(record, seen=[]):  # noqa: B006 - counter shared by the calls
         seen.append(record)
         if rank == 0 and len(seen) == KILLED_AFTER:
             os._exit(KILL_EXIT)  # the checkpoint of this unit is on disk; no cleanup runs
 
-    quantize(tiny_model(layers=LAYERS), None, config(), calib=CALIB, output_dir=out,
+    quantize(tiny_model(layers=LAYERS), None, config(), calib=CALIB, output_dir=killed,
              show_progress=False, on_unit_end=kill)
 
 
@@ -187,15 +195,33 @@ def assert_same_run(out: Path, reference: Path) -> None:
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    """`_two_rank_runs` on two Gloo processes: (run folder, folder of per-rank results)."""
-    out, log = tmp_path_factory.mktemp("two") / "run", tmp_path_factory.mktemp("log")
-    run_group(2, _two_rank_runs, out, log)
-    return out, log
+    """`_two_rank_runs` on two Gloo processes: (run folder, folder of per-rank results,
+    folder of the killed run)."""
+    root = tmp_path_factory.mktemp("two")
+    out, log, killed = root / "run", root / "log", root / "killed"
+    log.mkdir()
+    run_group(2, _two_rank_runs, out, log, killed, expect_exit=KILL_EXIT)
+    return out, log, killed
+
+
+def test_a_group_of_one_gives_the_plain_run(tmp_path, single):
+    reference, _ = single
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                            world_size=1, timeout=timedelta(seconds=60))
+    try:
+        assert Collective().active
+        quantize(tiny_model(layers=LAYERS), None, config(), calib=CALIB,
+                 output_dir=tmp_path / "run", show_progress=False)
+    finally:
+        dist.destroy_process_group()
+    assert_same_run(tmp_path / "run", reference)
+    ranks = json.loads((tmp_path / "run" / "sliderquant.json").read_text())["ranks"]
+    assert (ranks["world_size"], ranks["backend"], ranks["samples"]) == (1, "gloo", [7])
 
 
 def test_two_processes_give_the_single_process_model_with_half_the_caches(two_ranks, single):
     reference, report = single
-    out, log = two_ranks
+    out, log, _ = two_ranks
     assert_same_run(out, reference)
 
     ranks = [json.loads((log / f"rank{r}.json").read_text()) for r in range(2)]
@@ -210,13 +236,13 @@ def test_two_processes_give_the_single_process_model_with_half_the_caches(two_ra
 
 
 def test_an_error_of_rank_0_is_raised_on_every_rank(two_ranks):
-    _, log = two_ranks
+    _, log, _ = two_ranks
     ranks = [json.loads((log / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["refused"] and "holds a finished run" in r["refused"] for r in ranks)
 
 
 def test_a_rank_without_windows_still_takes_every_step(two_ranks):
-    _, log = two_ranks
+    _, log, _ = two_ranks
     single = quantize(tiny_model(layers=2), None, config(**LONE), calib=CALIB[:1],
                       show_progress=False)
     for rank in range(2):
@@ -230,10 +256,9 @@ def test_a_rank_without_windows_still_takes_every_step(two_ranks):
             torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_a_killed_run_resumes_on_three_processes_and_on_one(tmp_path, single):
+def test_a_killed_run_resumes_on_three_processes_and_on_one(tmp_path, two_ranks, single):
     reference, _ = single
-    killed = tmp_path / "killed"
-    run_group(2, _quantize_killed, killed, expect_exit=KILL_EXIT)
+    _, _, killed = two_ranks
     assert checkpoint_progress(killed)["done_unit"] == KILLED_AFTER - 1
     assert not (killed / "sliderquant.json").exists()
     shutil.copytree(killed, tmp_path / "copy")

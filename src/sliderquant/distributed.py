@@ -1,9 +1,10 @@
 """Data-parallel quantization over `torch.distributed`: which calibration windows a rank
 holds, and the few collective operations the engine and the pipeline need.
 
-A process that is not part of an initialised process group (or is its only member) is a
-world of one: every operation below is then the identity, so the single-process run is
-the same code with no communication.
+A process that is not part of an initialised process group is a world of one: every
+operation below is then the identity, so the single-process run is the same code with no
+communication. A group of one (`torchrun --nproc-per-node 1`) still communicates, so the
+collective path can be checked against the plain run on a single device.
 """
 
 from __future__ import annotations
@@ -74,10 +75,6 @@ class Collective:
         """Rank 0: the one rank that writes files and prints."""
         return self.rank == 0
 
-    @property
-    def parallel(self) -> bool:
-        return self.world_size > 1
-
     def shard(self, total: int) -> Shard:
         """This rank's calibration windows out of `total`."""
         return shard(total, self.rank, self.world_size)
@@ -87,7 +84,7 @@ class Collective:
         the batch) and every parameter's gradient over the ranks, in one all-reduce. A
         parameter no rank has a gradient for keeps none, as in a single process. Returns the
         summed loss, the same number on every rank (non-finite on all if on any)."""
-        if not self.parallel:
+        if not self.active:
             return 0.0 if loss is None else loss.item()
         present = [p.grad is not None for p in params]
         flat = torch.cat([
@@ -110,7 +107,7 @@ class Collective:
     def broadcast_(self, tensors: Iterable[torch.Tensor]) -> None:
         """Overwrite `tensors` in place with rank 0's values (one broadcast)."""
         tensors = list(tensors)
-        if not self.parallel or not tensors:
+        if not self.active or not tensors:
             return
         flat = torch.cat([t.detach().float().reshape(-1).to(self.device) for t in tensors])
         dist.broadcast(flat, src=self._global(0), group=self.group)
@@ -122,7 +119,7 @@ class Collective:
 
     def gather(self, value: T) -> list[T]:
         """`value` of every rank, in rank order (picklable values)."""
-        if not self.parallel:
+        if not self.active:
             return [value]
         values: list = [None] * self.world_size
         dist.all_gather_object(values, value, group=self.group)
@@ -135,16 +132,18 @@ class Collective:
             raise ConfigError(f"the ranks disagree on {what} ({', '.join(values)}); launch "
                               "every rank with the same model, settings and data")
 
-    def on_main(self, fn: Callable[[], T]) -> T:
-        """Run `fn` on rank 0 alone and hand every rank its result, or raise its exception
+    def on_main(self, fn: Callable[[], T], share: bool = True) -> T | None:
+        """Run `fn` on rank 0 alone and hand every rank its result (with `share=False`, the
+        other ranks get None and the result need not be picklable), or raise its exception
         on every rank (so no rank waits for a partner that has given up)."""
-        if not self.parallel:
+        if not self.active:
             return fn()
         payload: list = [None]
-        error = None
+        error = result = None
         if self.is_main:
             try:
-                payload = [(True, fn())]
+                result = fn()
+                payload = [(True, result if share else None)]
             except Exception as e:  # handed to every rank, then raised on this one too
                 error = e
                 payload = [(False, e if _picklable(e) else RuntimeError(f"rank 0: {e!r}"))]
@@ -154,7 +153,7 @@ class Collective:
             raise error
         if not ok:
             raise value
-        return value
+        return result if self.is_main else value
 
     def _global(self, rank: int) -> int:
         return dist.get_global_rank(self.group, rank) if self.group is not None else rank
@@ -168,12 +167,16 @@ def _picklable(value: object) -> bool:
     return True
 
 
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def launch(device: torch.device) -> torch.device:
-    """Join the process group `torchrun` describes in the environment (WORLD_SIZE > 1) if
-    none is initialised yet: NCCL on CUDA, where each rank takes GPU LOCAL_RANK, Gloo
-    otherwise. Returns the device this rank computes on. Without torchrun, `device`."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 or (dist.is_available() and dist.is_initialized()):
+    """Join the process group `torchrun` describes in the environment if none is
+    initialised yet (a group of one too): NCCL on CUDA, where each rank takes GPU
+    LOCAL_RANK, Gloo otherwise. Returns the device this rank computes on. Without
+    torchrun, `device`."""
+    if (not dist.is_available() or dist.is_initialized()
+            or not all(v in os.environ for v in TORCHRUN_VARIABLES)):
         return device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

@@ -13,7 +13,7 @@ Data parallel (`distributed.Collective` with several ranks): each rank holds onl
 of the calibration windows (and so of every cache), computes only its shard's FP targets and
 cache advances, and contributes to each global batch the members it holds; gradients are
 summed over the ranks every step, so every rank takes the single-process optimiser step.
-Rank 0 alone writes the checkpoint and shows progress.
+Only rank 0 is given a checkpoint store (pipeline.py) and shows progress.
 """
 
 from __future__ import annotations
@@ -312,7 +312,7 @@ class Engine:
         return losses
 
     def _save(self, index: int) -> None:
-        if self.store is None or not self.comm.is_main:
+        if self.store is None:
             return
         progress = {"done_unit": index, "num_units": len(self.units),
                     "fingerprint": self.fingerprint,

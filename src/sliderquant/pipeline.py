@@ -96,7 +96,8 @@ def quantize(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the report's peak is quantization's own
     data_root = resolve_data_root(data_dir)
-    store = comm.on_main(open_store) if open_store else None
+    # rank 0 alone owns the run folder and the store; the others learn of its errors
+    store = comm.on_main(open_store, share=False) if open_store else None
 
     t = time.perf_counter()
     if isinstance(calib, torch.Tensor):
