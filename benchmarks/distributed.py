@@ -102,7 +102,7 @@ def write_markdown(results: dict) -> Path:
              "peak RSS MiB per rank | max abs weight diff vs 1 process |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():
-        if key == "_meta" or "error" in r:
+        if key == "_meta" or "error" in r or "processes" not in r:
             continue
         model, settings, _ = key.split("|")
         ranks = r["ranks"]
