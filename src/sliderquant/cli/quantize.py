@@ -60,6 +60,8 @@ _CONFIG_SWITCHES: list[tuple[str, str, str]] = [
     ("qk-scaling", "qk_scaling", "the extra q/k scaling vector (reference code)"),
     ("down-scaling", "down_scaling", "the up/down scaling vector"),
     ("quantize-attention", "quantize_attention", "quantize q/k/v inside attention (abits < 16)"),
+    ("quantize-router", "quantize_router", "quantize MoE routers like the experts (default: "
+     "routers stay in full precision)"),
     ("rotate", "rotate", "fused norms + random Hadamard rotation (on in the w4a4 preset)"),
     ("center-embeddings", "center_embeddings", "centre embedding rows before rotating (QuaRot)"),
     ("lr-times-batch", "lr_times_batch", "multiply learning rates by the batch size (reference)"),
