@@ -77,6 +77,12 @@ DEFAULT_RECIPES = {"fast": "--fast --calib wikitext2:valid --method sliderquant"
 # auto-round's CPU-vs-iters line: ~100 s of set-up plus ~45 s per iteration on this machine
 # (peers.json), so these span ~150 to ~1,200 CPU s, and 50 is the peers' budget.
 DEFAULT_ITERS = (4, 12, 25, 50)
+# auto-round torch.compiles its block forward from 10 iters on (on Linux). The duel builds
+# the compiled code in-process (TORCHINDUCTOR_COMPILE_THREADS=1, peers/run.py) so that it is
+# in cpu_s; the 2026-11-26 peers runs let inductor's worker processes build it.
+COMPILE_FROM_ITERS = 10
+CPU_NOTE_PEERS = ("peers run: torch.compile's C++ builds ran in inductor's worker processes, "
+                  "whose CPU time is not in cpu_s")
 
 
 @dataclass(frozen=True)
@@ -229,13 +235,15 @@ def load_average() -> str:
 
 
 def reuse_peer_records() -> None:
-    """peers.json's auto-round cells of exactly the duel's protocol, as duel records."""
+    """peers.json's auto-round cells of exactly the duel's protocol, as duel records (unless
+    the duel measured that cell itself)."""
     peers = json.loads((RESULTS / "peers.json").read_text())
     meta = peers["_meta"]
-    have = {record_key(r) for r in read_list(JSON_PATH)}
+    measured = {record_key(r) for r in read_list(JSON_PATH) if not r.get("reused_from")}
     for (setting, iters), peer_key in PEER_RECORDS.items():
         r = peers.get(peer_key)
-        if r is None or "ppl" not in r or key(setting, 2, "auto-round", f"iters {iters}") in have:
+        if (r is None or "ppl" not in r
+                or key(setting, 2, "auto-round", f"iters {iters}") in measured):
             continue
         record_in_list(JSON_PATH, {
             "setting": setting, "tool": "auto-round", "seed": 2, "variant": f"iters {iters}",
@@ -245,7 +253,8 @@ def reuse_peer_records() -> None:
             "command": r["command"].replace("--work /work/venvs/smollm2-hf", "--work WORK"),
             "date": meta["date"], "machine": f"{meta['machine']} (peers run)", "threads": 1,
             "versions": r["versions"], "calib": r["calib"], "load": None,
-            "reused_from": f"peers.json '{peer_key}'"}, record_key)
+            "reused_from": f"peers.json '{peer_key}'",
+            "cpu_note": CPU_NOTE_PEERS if iters >= COMPILE_FROM_ITERS else None}, record_key)
 
 
 def finish(record: dict, setting: Setting, seed: int, tool: str, variant: str,
@@ -274,7 +283,7 @@ def planned(args: argparse.Namespace, done: dict[str, dict]) -> list[tuple]:
                     matched = match_iters(setting, seed, args.match, done)
                     if matched:
                         out.append((setting, seed, "auto-round", f"iters {matched}", matched))
-    return [c for c in out if not args.only or args.only in key(*c[:4])]
+    return [c for c in out if not args.only or args.only in key(c[0].name, *c[1:4])]
 
 
 def match_iters(setting: Setting, seed: int, label: str, done: dict[str, dict]) -> int | None:

@@ -113,10 +113,20 @@ def quantize_autoround(model: torch.nn.Module, tokenizer, calib: torch.Tensor,
         options["rotation_config"] = {"backend": "auto", "hadamard_type": "random_hadamard",
                                       "block_size": 192, "fuse_online_to_weight": True,
                                       "allow_online_rotation": False}
+        _rotate_outside_inference_mode()
     ar = AutoRound(model, tokenizer, dataset=[row.unsqueeze(0) for row in calib],
                    device_map="cpu", **options)
     ar.quantize()
     return {"options": options}
+
+
+def _rotate_outside_inference_mode() -> None:
+    """auto-round 0.16.1 rotates the weights under torch.inference_mode, and then cannot
+    train them on CPU ("Inference tensors cannot be saved for backward"): run the same
+    rotation under no_grad instead (same arithmetic)."""
+    from auto_round.algorithms.transforms.hadamard.inplace import apply
+
+    apply._rotate_weights = torch.no_grad()(apply._rotate_weights.__wrapped__)
 
 
 def check_grid(model: torch.nn.Module, wbits: int, group_size: int | None) -> None:
