@@ -213,14 +213,37 @@ def run_autoround(setting: Setting, seed: int, iters: int, args: argparse.Namesp
     return {**record, "iters": iters}
 
 
-def fit_iters(points: list[tuple[int, float]], cpu_s: float) -> int:
-    """The iters whose CPU time the least-squares line through (iters, cpu_s) puts at cpu_s."""
+def fit_line(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares (intercept, slope) of CPU seconds against iters."""
     n = len(points)
     mx = sum(i for i, _ in points) / n
     my = sum(c for _, c in points) / n
     slope = (sum((i - mx) * (c - my) for i, c in points)
              / sum((i - mx) ** 2 for i, _ in points))
-    return max(1, round(mx + (cpu_s - my) / slope))
+    return my - slope * mx, slope
+
+
+def fit_iters(points: list[tuple[int, float]], cpu_s: float) -> int:
+    """The iters whose CPU time the line through the two measured points nearest to cpu_s
+    (bracketing it where possible) puts at cpu_s: the cost is not one straight line, since
+    torch.compile switches on at COMPILE_FROM_ITERS."""
+    below = [p for p in points if p[1] <= cpu_s]
+    above = [p for p in points if p[1] > cpu_s]
+    if below and above:
+        pair = [max(below, key=lambda p: p[1]), min(above, key=lambda p: p[1])]
+    else:
+        pair = sorted(points, key=lambda p: abs(p[1] - cpu_s))[:2]
+    a, b = fit_line(pair)
+    return max(1, round((cpu_s - a) / b))
+
+
+def cost_lines(records: list[dict]) -> dict[tuple[str, int], list[tuple[int, float]]]:
+    """(setting, seed) -> sorted (iters, cpu_s) of its auto-round records."""
+    out: dict[tuple[str, int], list[tuple[int, float]]] = {}
+    for r in records:
+        if r["tool"] == "auto-round" and r.get("cpu_s") is not None:
+            out.setdefault((r["setting"], r["seed"]), []).append((r["iters"], r["cpu_s"]))
+    return {k: sorted(set(v)) for k, v in out.items()}
 
 
 # ---------------------------------------------------------------- the runner
@@ -289,10 +312,8 @@ def planned(args: argparse.Namespace, done: dict[str, dict]) -> list[tuple]:
 def match_iters(setting: Setting, seed: int, label: str, done: dict[str, dict]) -> int | None:
     """auto-round iters predicted to cost what our `label` record cost, or None."""
     ours = done.get(key(setting.name, seed, "sliderquant", label))
-    points = sorted({(r["iters"], r["cpu_s"]) for r in done.values()
-                     if r["setting"] == setting.name and r["seed"] == seed
-                     and r["tool"] == "auto-round" and "cpu_s" in r})
-    if ours is None or "cpu_s" not in ours or len({i for i, _ in points}) < 2:
+    points = cost_lines(list(done.values())).get((setting.name, seed), [])
+    if ours is None or ours.get("cpu_s") is None or len({i for i, _ in points}) < 2:
         return None
     return fit_iters(points, ours["cpu_s"])
 
@@ -371,6 +392,15 @@ def write_markdown(records: list[dict]) -> Path:
                          f"{fmt_ppl(o['c4'])} / {fmt_ppl(a['c4'])} |")
     else:
         lines.append("No pair measured yet.")
+    lines += ["", "**auto-round's CPU seconds against iters** (the line `--match` interpolates on; "
+              "from 10 iters on it torch.compiles its block forward):", ""]
+    for (setting, seed), points in cost_lines(rows).items():
+        fit = ""
+        if len({i for i, _ in points}) >= 2:
+            a, b = fit_line(points)
+            fit = f" — fit: {a:.0f} s + {b:.1f} s x iters"
+        lines.append(f"- {setting}, seed {seed}: "
+                     + ", ".join(f"{i} iters {c:.0f} s" for i, c in points) + fit)
     versions = sorted({f"{k} {v}" for r in rows for k, v in r.get("versions", {}).items()})
     lines += [
         "",
@@ -459,6 +489,13 @@ def parse_recipe(text: str) -> tuple[str, str]:
     return label, flags
 
 
+def add_recipe_argument(parser: argparse.ArgumentParser, defaults: dict[str, str]) -> None:
+    """`--recipe LABEL='FLAGS'` (repeatable): our recipes, as `sliderquant quantize` flags."""
+    parser.add_argument("--recipe", action="append", type=parse_recipe, default=None,
+                        help="LABEL='sliderquant quantize flags' (repeatable; default: "
+                             + "; ".join(f"{k}='{v}'" for k, v in defaults.items()) + ")")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -470,9 +507,7 @@ def main() -> int:
     r.add_argument("--only", help="run only cells whose key (SETTING/seed N/TOOL/VARIANT) "
                    "contains this text")
     r.add_argument("--rerun", action="store_true", help="rerun finished cells")
-    r.add_argument("--recipe", action="append", type=parse_recipe, default=None,
-                   help="LABEL='sliderquant quantize flags' (repeatable; default: "
-                        + "; ".join(f"{k}='{v}'" for k, v in DEFAULT_RECIPES.items()) + ")")
+    add_recipe_argument(r, DEFAULT_RECIPES)
     r.add_argument("--iters", default=",".join(map(str, DEFAULT_ITERS)),
                    help="auto-round iters values to run ('' for none)")
     r.add_argument("--match", metavar="LABEL",

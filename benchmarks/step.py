@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from duel import config_from_flags, load_average, parse_recipe, src_commit  # noqa: E402 (no package)
+from duel import add_recipe_argument, config_from_flags, load_average, src_commit  # noqa: E402 (no package)
 
 import sliderquant  # noqa: E402
 from sliderquant.api import calibration_ids  # noqa: E402
@@ -222,9 +222,7 @@ def write_markdown(result: dict) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", required=True)
-    ap.add_argument("--recipe", action="append", type=parse_recipe,
-                    help="LABEL='sliderquant quantize flags' (repeatable; default: "
-                         + "; ".join(f"{k}='{v}'" for k, v in DEFAULT_RECIPES.items()) + ")")
+    add_recipe_argument(ap, DEFAULT_RECIPES)
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
     ap.add_argument("--steps", type=int, default=8, help="optimiser steps per timing (N)")
     ap.add_argument("--table", action="store_true", help="only rewrite step.md from step.json")
