@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import duel  # noqa: E402
-from store import record_in_list  # noqa: E402
+import duel
+from store import record_in_list
 
-from sliderquant import QuantConfig  # noqa: E402
+from sliderquant import QuantConfig
 
 
 def test_fit_iters_interpolates_between_the_bracketing_points():
