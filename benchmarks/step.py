@@ -195,8 +195,10 @@ def write_markdown(result: dict) -> Path:
         reps = ", ".join(f"{s:.3f}" for s in r["step_cpu_s_reps"])
         lines.append(f"| {r['recipe']} | {r['step_cpu_s']:.3f} | "
                      f"{result['plain_step_cpu_s']:.3f} | {r['ratio']:.2f}x | {reps} |")
-    lines += ["", "Where the extra time goes (profiler self CPU seconds per step, quantized "
-              "minus plain; the profiler's own overhead inflates small operators):", ""]
+    lines += ["", "Where the extra time goes: torch.profiler's self time per step and operator, "
+              "quantized minus plain. The profiler clocks operators in wall time, so on a "
+              "loaded machine its seconds are larger than the CPU seconds above (and its own "
+              "overhead inflates small operators): read them as shares, not as costs.", ""]
     for r in result["recipes"]:
         lines += [f"**{r['recipe']}** (`{' '.join(r['flags'])}`)", "",
                   "| operator | quantized s | plain s | extra s |", "|---|---|---|---|"]
