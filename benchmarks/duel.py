@@ -210,6 +210,7 @@ def run_autoround(setting: Setting, seed: int, iters: int, args: argparse.Namesp
     cell = peers.Cell("autoround", setting.name, [*setting.peer, "--iters", str(iters),
                                             "--seed", str(seed)])
     record = peers.run_cell(cell, args)
+    record["command"] = record["command"].replace(str(args.work), "WORK")
     if "quantize_cpu_s" in record:
         record["cpu_s"] = record.pop("quantize_cpu_s")
         record["wall_s"] = record.pop("quantize_s")
