@@ -361,6 +361,16 @@ def matched_pairs(records: list[dict]) -> list[tuple[dict, dict]]:
     return pairs
 
 
+def remaining(records: list[dict]) -> list[str]:
+    """Keys of the default plan's cells that have no perplexity yet."""
+    done = {record_key(r) for r in records if r.get("wikitext2") is not None}
+    plan = [key(s.name, seed, "sliderquant", label) for s in SETTINGS for seed in s.seeds
+            for label in DEFAULT_RECIPES]
+    plan += [key(s.name, seed, "auto-round", f"iters {i}") for s in SETTINGS
+             for seed in s.seeds for i in DEFAULT_ITERS]
+    return [k for k in plan if k not in done]
+
+
 def variant_label(r: dict) -> str:
     if r["tool"] == "sliderquant":
         return f"{r['variant']} @ {r.get('commit', '?')}"
@@ -405,6 +415,15 @@ def write_markdown(records: list[dict]) -> Path:
             fit = f" — fit: {a:.0f} s + {b:.1f} s x iters"
         lines.append(f"- {setting}, seed {seed}: "
                      + ", ".join(f"{i} iters {c:.0f} s" for i, c in points) + fit)
+    missing = remaining(records)
+    lines += ["", f"**Not measured yet** ({len(missing)} cells of the default plan: "
+              "`duel.py run` with no --tool/--recipe/--iters, then `--match LABEL` per recipe):",
+              ""]
+    grouped: dict[str, list[str]] = {}
+    for k in missing:
+        cell, variant = k.rsplit("/", 1)
+        grouped.setdefault(cell, []).append(variant)
+    lines += [f"- {cell}: {', '.join(v)}" for cell, v in grouped.items()] or ["- none"]
     versions = sorted({f"{k} {v}" for r in rows for k, v in r.get("versions", {}).items()})
     lines += [
         "",
