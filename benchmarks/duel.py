@@ -438,9 +438,11 @@ def write_markdown(records: list[dict]) -> Path:
         "in its own process; the machine is shared (load average before each cell in the "
         "table), which stretches wall time more than CPU time.",
         "auto-round: asymmetric, batch 8, nsamples 16, seqlen 512, `iters` as shown; W4A4 with "
-        "dynamic per-token INT4 activations into every projection; rotation: its `inplace` "
-        "backend with a full-width random Hadamard fused into the weights and no online "
-        "transform (our W4A4 rotation). sliderquant: the row's recipe flags on top of the "
+        "dynamic per-token INT4 activations into every projection; rotation: its in-place "
+        "(QuaRot-style) rotation, a random Hadamard in blocks of 192 fused into the weights "
+        "plus its online Hadamard hooks on the inputs of o_proj and down_proj (full width "
+        "is impossible with SmolLM2's 9 heads; ours is full width and offline only, see "
+        "benchmarks/peers/README.md). sliderquant: the row's recipe flags on top of the "
         "setting's (`W4A4`: `--no-quantize-attention`, the projection inputs only, "
         "auto-round's scope); `@` names the commit of src/.",
         f"Machine: {', '.join(sorted({r['machine'] for r in rows}))}. Versions: "
