@@ -172,8 +172,9 @@ def quantize_ours(args: argparse.Namespace) -> int:
 
 
 def src_commit() -> str:
-    """Short commit of HEAD, marked +dirty when src/ differs from it."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+    """Short id of the last commit that changed src/, marked +dirty when src/ differs from
+    HEAD: it names the sliderquant code a record measured."""
+    head = subprocess.run(["git", "log", "-1", "--format=%h", "--", "src"], cwd=REPO,
                           capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src"], cwd=REPO).returncode
     return head + ("+dirty" if dirty else "")
