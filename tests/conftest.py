@@ -20,6 +20,10 @@ def _find_data_root() -> Path | None:
 
 DATA_ROOT = _find_data_root()
 
+# Where the device-aware tests (test_families.py) run: `SLIDERQUANT_TEST_DEVICE=cuda` on a
+# machine with a GPU (benchmarks/gpu_families.sh), the host otherwise.
+TEST_DEVICE = torch.device(os.environ.get("SLIDERQUANT_TEST_DEVICE", "cpu"))
+
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:
@@ -65,6 +69,23 @@ def tiny_model(family: str = "llama", layers: int = 3, seed: int = 0, tied: bool
             elif name.endswith("mlp.gate.weight"):  # MoE router: decisive, uneven routing
                 p.copy_(0.5 * torch.randn_like(p))
     return model.float().eval()
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer of 260 tokens (so models need a vocab of at least 260)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<|endoftext|>": 0, **{ch: i + 1 for i, ch in enumerate(sorted(alphabet))}}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>")
 
 
 @pytest.fixture
