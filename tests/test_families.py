@@ -332,3 +332,40 @@ def test_resume_is_bit_identical(family, tmp_path, deterministic):
     assert record["family"]["name"] == family
     assert ("qkt" in record["family"]["dropped_scalings"]) == family.startswith("qwen3")
     assert len(result.report["windows"]) == len(record["windows"])
+
+
+def test_quantize_command_on_a_qwen3_moe_folder_prints_expert_tokens(tmp_path, capsys):
+    """`sliderquant quantize` end to end on a tiny random Qwen3-MoE saved with
+    save_pretrained, calibrated on a text file: per-expert token counts are printed and
+    recorded, the router stays in full precision unless --quantize-router."""
+    from sliderquant.cli import main
+
+    folder = tmp_path / "qwen3moe"
+    tiny_model("qwen3_moe", vocab_size=300).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"the {w} sat on the mat" for w in range(200)))
+    common = ["--calib", str(text), "--nsamples", "4", "--seqlen", "32", "--epochs", "1",
+              "--batch-size", "2", "--shallow", "1", "--deep", "1", "--tasks", "none",
+              "--device", DEVICE.type, "--quiet"]
+    assert main(["quantize", str(folder), "--out", str(tmp_path / "run"), *common]) == 0
+    out = capsys.readouterr().out
+    record = json.loads((tmp_path / "run" / "sliderquant.json").read_text())
+    counts = record["experts"]["tokens_per_expert"]
+    assert sorted(counts) == ["0", "1", "2"]
+    for layer, row in counts.items():
+        assert sum(row) == 4 * 32 * 2
+        assert f"layer   {layer}: " + " ".join(map(str, row)) in out
+    assert record["family"]["name"] == "qwen3_moe"
+    grids = api_grids(tmp_path / "run")
+    assert "model.layers.0.mlp.experts.3.down_proj.step" in grids
+    assert "model.layers.0.mlp.gate.step" not in grids
+    assert main(["quantize", str(folder), "--out", str(tmp_path / "router"), "--quantize-router",
+                 *common]) == 0
+    assert "model.layers.0.mlp.gate.step" in api_grids(tmp_path / "router")
+
+
+def api_grids(run):
+    from sliderquant.api import load_grids
+
+    return load_grids(run)

@@ -12,7 +12,7 @@ from sliderquant.cli.options import (
     parse_tasks,
     torch_dtype,
 )
-from sliderquant.cli.printing import print_perplexity, say
+from sliderquant.cli.printing import print_expert_tokens, print_perplexity, say
 from sliderquant.config import INTRA_MODES, METHODS, PRESETS, QuantConfig
 
 NAME = "quantize"
@@ -142,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
           f"peak RSS {report['peak_rss_mb']:.0f} MiB)")
     if loaded.note:
         print(f"note: {loaded.note}")
+    if report.get("experts"):
+        print_expert_tokens(report["experts"])
     if report.get("auto_schedule"):
         print(f"schedule auto: {report['auto_schedule']['reasoning']}")
     print_perplexity(entries.get("eval", {}), fp)
