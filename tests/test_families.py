@@ -369,3 +369,26 @@ def api_grids(run):
     from sliderquant.api import load_grids
 
     return load_grids(run)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda",
+                    reason="measures GPU memory (SLIDERQUANT_TEST_DEVICE=cuda)")
+@pytest.mark.parametrize("family_name", MOE_FAMILIES)
+def test_moe_windows_keep_gpu_memory_bounded_by_the_window(family_name):
+    """A host model is trained window by window on the GPU: the peak GPU memory of a 6-layer
+    MoE model is that of a 2-layer one (each layer's experts are 6 MiB of float32 here)."""
+    widths = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                  intermediate_size=256, vocab_size=300)
+    if family_name == "qwen3_moe":
+        widths.update(moe_intermediate_size=256, num_experts=8)
+    else:
+        widths.update(num_local_experts=8)
+    peaks = {}
+    for layers in (2, 6):
+        model = tiny_model(family_name, layers=layers, **widths)
+        result = quantize(model, None, quant_config(window_size=2, shallow=1, deep=1),
+                          calib=CALIB, device=DEVICE, show_progress=False)
+        assert {p.device.type for p in model.parameters()} == {"cpu"}
+        peaks[layers] = result.report["peak_gpu_mb"]
+    expert_mib = 8 * 3 * 256 * 256 * 4 / 2**20
+    assert peaks[6] < peaks[2] + expert_mib, peaks
