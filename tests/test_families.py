@@ -217,6 +217,22 @@ def test_gguf_reads_back_to_the_folded_weights(family, tmp_path):
     assert checked == adapter.num_layers * 7
 
 
+def test_llama_cpp_runs_the_exported_gguf_like_our_model(family, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from sliderquant.eval.llamacpp import llamacpp_window_nlls
+    from sliderquant.eval.perplexity import window_nlls
+    from sliderquant.export.gguf import write_gguf
+
+    model, grids, config = _folded_w4(family)
+    write_gguf(model, grids, config, tiny_tokenizer(), tmp_path / "m.gguf", float_type="f32")
+    windows = torch.randint(0, 300, (2, 64), generator=torch.Generator().manual_seed(2))
+    ours = window_nlls(model, windows, show_progress=False)
+    theirs = llamacpp_window_nlls(tmp_path / "m.gguf", windows, n_threads=1,
+                                  show_progress=False)
+    assert torch.allclose(torch.as_tensor(theirs), torch.as_tensor(ours), rtol=1e-3), \
+        (theirs, ours)
+
+
 @pytest.mark.parametrize(("overrides", "match"), [
     ({"mlp_only_layers": [1]}, "dense"), ({"norm_topk_prob": False}, "renormalise")])
 def test_gguf_refuses_moe_layouts_llama_cpp_cannot_run(overrides, match, tmp_path):
