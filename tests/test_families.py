@@ -408,3 +408,27 @@ def test_moe_windows_keep_gpu_memory_bounded_by_the_window(family_name):
         peaks[layers] = result.report["peak_gpu_mb"]
     expert_mib = 8 * 3 * 256 * 256 * 4 / 2**20
     assert peaks[6] < peaks[2] + expert_mib, peaks
+
+
+@pytest.mark.parametrize("family_name", MOE_FAMILIES)
+def test_sensitivity_scans_quantize_experts_like_the_pipeline(family_name):
+    """The RTN sensitivity scan's in-place W4A4 quantization of an MoE model (experts'
+    inputs, a quantized router) is the deployed RTN model, and it restores the FP model."""
+    from sliderquant.sensitivity import LayerQuantizer
+
+    cfg = QuantConfig.from_preset("w4a4", method="rtn", rotate=False, channel_scaling=False,
+                                  lwc=False, lora_rank=0, quantize_router=True, nsamples=4,
+                                  seqlen=16)
+    deployed = quantize(tiny_model(family_name), None, cfg, calib=CALIB, device=DEVICE,
+                        show_progress=False).model
+    model = tiny_model(family_name)
+    with torch.no_grad():
+        fp = model(IDS).logits
+        want = deployed(IDS).logits
+        with LayerQuantizer(model, cfg) as q:
+            restore = q.quantize(0, 2)
+            scanned = model(IDS).logits
+            restore()
+            assert torch.equal(model(IDS).logits, fp)
+    assert torch.allclose(scanned, want, atol=1e-4), (scanned - want).abs().max()
+    assert (want - fp).abs().max() > 1e-2
