@@ -432,3 +432,33 @@ def test_sensitivity_scans_quantize_experts_like_the_pipeline(family_name):
             assert torch.equal(model(IDS).logits, fp)
     assert torch.allclose(scanned, want, atol=1e-4), (scanned - want).abs().max()
     assert (want - fp).abs().max() > 1e-2
+
+
+def test_a_resumed_moe_run_places_no_more_layers_than_a_window(tmp_path, monkeypatch):
+    """Catching up after a resume (the quantized cache and the FP targets up to a late
+    window) visits the device one layer at a time: never more layers than a window."""
+    from sliderquant.engine import Engine
+
+    placed_at_once = []
+    original = Engine._placed
+
+    def spy(self, layers):
+        placed_at_once.append(len(layers))
+        return original(self, layers)
+
+    monkeypatch.setattr(Engine, "_placed", spy)
+    cfg = quant_config(window_size=1, stride=1)
+
+    def crash_after_sixth(record, seen=[]):  # noqa: B006 - counter shared by the calls
+        seen.append(record)
+        if len(seen) == 6:  # stage 2, windows [0] and [1] done: resume at layer 2
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        quantize(tiny_model("qwen3_moe", layers=4), None, cfg, calib=CALIB, device=DEVICE,
+                 output_dir=tmp_path, show_progress=False, on_unit_end=crash_after_sixth)
+    placed_at_once.clear()
+    result = quantize(tiny_model("qwen3_moe", layers=4), None, cfg, calib=CALIB, device=DEVICE,
+                      output_dir=tmp_path, resume=True, show_progress=False)
+    window = max(len(w) for w in result.report["schedule"])
+    assert placed_at_once and max(placed_at_once) <= window, (placed_at_once, window)
