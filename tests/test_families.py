@@ -31,6 +31,7 @@ IDS = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
 # With activation quantization, GPU kernels' summation order can flip a per-token rounding
 # that the CPU path happens not to (see test_cuda.py).
 TOL = 1e-4 if DEVICE.type == "cpu" else 2e-3
+FP_TOL = 1e-5 if DEVICE.type == "cpu" else 1e-4  # GPU attention kernels sum in other orders
 
 
 @pytest.fixture(params=FAMILY_NAMES)
@@ -75,7 +76,7 @@ def test_fp_view_equals_transformers_logits(family):
     with torch.no_grad():
         reference = model(ids).logits
     adapter, layers = wrap(model, LayerQuantSpec(wbits=4, abits=4, channel_scaling=True))
-    assert torch.allclose(stack_logits(adapter, layers, ids, False), reference, atol=1e-5)
+    assert torch.allclose(stack_logits(adapter, layers, ids, False), reference, atol=FP_TOL)
 
 
 SPECS = {"w4a4-scaled": dict(wbits=4, abits=4, channel_scaling=True),
@@ -310,13 +311,13 @@ def deterministic():
     """On CUDA, index_add_ / index_put_ (experts and their gradients) use atomics unless
     deterministic algorithms are asked for (the GPU script sets CUBLAS_WORKSPACE_CONFIG)."""
     if DEVICE.type == "cuda":
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=True)
     yield
     torch.use_deterministic_algorithms(False)
 
 
 def test_resume_is_bit_identical(family, tmp_path, deterministic):
-    cfg = quant_config(wbits=4, abits=4, channel_scaling=True)
+    cfg = quant_config(wbits=4, abits=4, channel_scaling=True, rotate=True)
     full = tiny_model(family)
     quantize(full, None, cfg, calib=CALIB, device=DEVICE, output_dir=tmp_path / "a",
              show_progress=False)
@@ -347,6 +348,7 @@ def test_resume_is_bit_identical(family, tmp_path, deterministic):
     record = json.loads((tmp_path / "b" / "sliderquant.json").read_text())
     assert record["family"]["name"] == family
     assert ("qkt" in record["family"]["dropped_scalings"]) == family.startswith("qwen3")
+    assert record["rotation"] == "random_hadamard"
     assert len(result.report["windows"]) == len(record["windows"])
 
 
