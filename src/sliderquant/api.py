@@ -40,14 +40,8 @@ from sliderquant.models.adapters import (
     DecoderAdapter,
     UnsupportedModelError,
 )
-from sliderquant.models.embedded import EMBEDDED, cache_dir
-from sliderquant.models.loading import (
-    STORIES,
-    LoadedModel,
-    ModelLoadError,
-    load_model,
-    source_gguf,
-)
+from sliderquant.models.embedded import EMBEDDED, cache_dir, embedded_gguf
+from sliderquant.models.loading import STORIES, LoadedModel, ModelLoadError, load_model
 from sliderquant.pipeline import RUN_FORMAT, QuantizeResult, model_fingerprint
 from sliderquant.pipeline import preflight as preflight
 from sliderquant.pipeline import quantize as run_pipeline
@@ -248,7 +242,7 @@ def export(
     source = str(record.get("model", ""))
     if fmt == "gguf":
         return write_gguf(loaded.model, grids, config, loaded.tokenizer, target,
-                          source=source, source_gguf=source_gguf(record.get("model")),
+                          source=source, source_gguf=_source_gguf(record.get("model")),
                           vocab_from=Path(vocab_from) if vocab_from else None, exact=exact,
                           float_type=float_type, embedding_type=embedding_type,
                           drop_activation_quantization=drop_activation_quantization,
@@ -264,6 +258,17 @@ def export(
     result.notes.insert(0, f"unquantized tensors and scales stored as "
                            f"{str(chosen).removeprefix('torch.')} ({why})")
     return result
+
+
+def _source_gguf(source: str | None) -> Path | None:
+    """The GGUF a run's model was loaded from (its tokenizer and metadata are carried over)."""
+    if not source:
+        return None
+    name = source.removesuffix(" (embedded default)")
+    if name in EMBEDDED:
+        return embedded_gguf(name)
+    path = Path(source)
+    return path if path.suffix == ".gguf" and path.is_file() else None
 
 
 def load_grids(path: str | os.PathLike) -> dict[str, torch.Tensor]:

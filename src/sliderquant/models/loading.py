@@ -177,15 +177,3 @@ def _load_llama2c(path: Path, dtype: torch.dtype) -> LoadedModel:
     except Llama2cFormatError as e:
         raise ModelLoadError(f"{e}; copy or download it again") from e
     return LoadedModel(model.to(dtype).eval(), tokenizer, source=str(path))
-
-
-def source_gguf(source: str | None) -> Path | None:
-    """The GGUF file a model was loaded from, given the `source` a run records for it (the
-    GGUF export carries its tokenizer and metadata over); None for other sources."""
-    if not source:
-        return None
-    name = source.removesuffix(" (embedded default)")
-    if name in EMBEDDED:
-        return embedded_gguf(name)
-    path = Path(source)
-    return path if path.suffix == ".gguf" and path.is_file() else None
