@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Data-parallel quantization on one GPU (issue 18, docs/DISTRIBUTED.md).
 #
-#   bash benchmarks/gpu_distributed.sh        # from the repository root; about 1-2 minutes
+#   bash benchmarks/gpu_distributed.sh        # from the repository root
+#
+# Expected to take 1-2 minutes on a GPU (not run on one yet); every step is stopped once
+# 170 s have gone by. The dry run on the host (SQ_DEVICE=cpu, below) passed here in 347 s
+# wall, 91 CPU s, on 2 cores shared with other jobs.
 #
 # Needs torch with CUDA, transformers, safetensors and the repository's src/ (put on
 # PYTHONPATH here); no data root, no hub, no gguf / compressed-tensors / lm-eval: the model
@@ -13,8 +17,9 @@
 #            the plain run's (same batches, same kernels) within float tolerance.
 # 3. gloo2:  `torchrun --nproc-per-node 2`, two Gloo ranks sharing the GPU (NCCL refuses two
 #            ranks on one device): must finish, hold 8 + 8 of the 16 windows and half the
-#            activation caches each. Its weights are only reported: training runs under bf16
-#            autocast on CUDA, and a batch split over two ranks rounds differently.
+#            activation caches each. Its weights are only reported: a batch split over two
+#            ranks rounds differently, which the training amplifies (docs/DISTRIBUTED.md;
+#            0.056 max abs on the host dry run), more so under CUDA's bf16 autocast.
 # Prints one line "gpu_distributed: PASS ..." or "gpu_distributed: FAIL ..." and the time.
 # SQ_DEVICE=cpu runs the same steps on the host (the group of one is then Gloo): a dry run
 # of this script on a machine without a GPU.
@@ -113,7 +118,7 @@ def check(plain, nccl1, gloo2):
     if r["peak_cache_bytes"] != [whole // 2, whole // 2]:
         failures.append(f"gloo2 caches {r['peak_cache_bytes']} are not half of {whole}")
     _, _, worst, rel = diff(gloo2, plain)
-    print(f"gloo2 vs plain (bf16 autocast, reported only): max abs weight diff {worst:.3e}, "
+    print(f"gloo2 vs plain (split batches round differently, reported only): max abs weight diff {worst:.3e}, "
           f"max relative {rel:.3e}; caches per rank {r['peak_cache_bytes']} of {whole} bytes")
     for f in failures:
         print("FAILED:", f)
@@ -127,9 +132,11 @@ if __name__ == "__main__":
 EOF
 
 status=ok
-step() {  # name, command...
+step() {  # name, command...: fails the check, and is stopped once 170 s have gone by
     local name=$1; shift
-    if ! timeout 150 "$@"; then status="$name failed"; fi
+    local left=$(( 170 - ($(date +%s) - began) ))
+    if [ "$left" -lt 5 ]; then status="out of time before $name"; return; fi
+    if ! timeout "$left" "$@"; then status="$name failed or timed out"; fi
 }
 "$PY" -c "import os, torch, transformers; \
 assert os.environ.get('SQ_DEVICE') == 'cpu' or torch.cuda.is_available(), 'no CUDA device'; \
