@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from sliderquant import QuantConfig, quantize
 from sliderquant.api import RunFolderError
-from sliderquant.distributed import Collective, shard
+from sliderquant.distributed import Collective, launch, shard
 
 CALIB = torch.randint(0, 96, (7, 32), generator=torch.Generator().manual_seed(0))
 LAYERS = 4
@@ -66,6 +66,23 @@ def test_a_single_process_is_a_world_of_one():
     (p * 2).sum().backward()
     assert comm.reduce_gradients(torch.tensor(0.5), [p]) == 0.5
     assert p.grad.tolist() == [2.0, 2.0, 2.0]  # untouched
+
+
+def test_launch_joins_only_the_group_torchrun_describes(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert launch(torch.device("cpu")) == torch.device("cpu") and not Collective().active
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    try:
+        assert launch(torch.device("cpu")) == torch.device("cpu")
+        comm = Collective()
+        assert (comm.active, comm.backend, comm.world_size, comm.is_main) == (
+            True, "gloo", 1, True)
+    finally:
+        dist.destroy_process_group()
 
 
 # ---- Gloo groups ---------------------------------------------------------------------------
