@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from sliderquant import QuantConfig, quantize
 from sliderquant.api import RunFolderError
-from sliderquant.distributed import Collective, shard
+from sliderquant.distributed import Collective, launch, shard
 
 CALIB = torch.randint(0, 96, (7, 32), generator=torch.Generator().manual_seed(0))
 LAYERS = 4
@@ -68,11 +68,29 @@ def test_a_single_process_is_a_world_of_one():
     assert p.grad.tolist() == [2.0, 2.0, 2.0]  # untouched
 
 
+def test_launch_joins_only_the_group_torchrun_describes(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert launch(torch.device("cpu")) == torch.device("cpu") and not Collective().active
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    try:
+        assert launch(torch.device("cpu")) == torch.device("cpu")
+        comm = Collective()
+        assert (comm.active, comm.backend, comm.world_size, comm.is_main) == (
+            True, "gloo", 1, True)
+    finally:
+        dist.destroy_process_group()
+
+
 # ---- Gloo groups ---------------------------------------------------------------------------
 
 # Ranks are forked from a server that imported these once, not spawned (each spawned rank
 # would spend seconds importing transformers); the server has run no torch threads.
-PRELOAD = ["torch", "transformers.models.llama.modeling_llama", "sliderquant.api"]
+PRELOAD = ["torch", "transformers.models.llama.modeling_llama",
+           "transformers.models.qwen3_moe.modeling_qwen3_moe", "sliderquant.api"]
 
 
 def _free_port() -> int:
@@ -120,7 +138,7 @@ def run_group(world: int, task, *args, expect_exit: int | None = None) -> None:
 
 def _two_rank_runs(rank: int, out: Path, log: Path, killed: Path) -> None:
     """Everything the tests need from two ranks, in one group: a run, a refused second
-    run, a run with one calibration window, and last a run rank 0 dies in."""
+    run, a run with one calibration window, an MoE run, and last a run rank 0 dies in."""
     from safetensors.torch import save_file
 
     result = quantize(tiny_model(layers=LAYERS), None, config(), calib=CALIB, output_dir=out,
@@ -138,6 +156,10 @@ def _two_rank_runs(rank: int, out: Path, log: Path, killed: Path) -> None:
                     show_progress=False)
     (log / f"lone{rank}.json").write_text(json.dumps(lone.report))
     save_file(lone.model.state_dict(), str(log / f"lone{rank}.safetensors"))
+    moe = quantize(tiny_model("qwen3_moe", layers=2), None, config(), calib=CALIB,
+                   show_progress=False)
+    (log / f"moe{rank}.json").write_text(json.dumps(moe.report))
+    save_file(moe.model.state_dict(), str(log / f"moe{rank}.safetensors"))
 
     def kill(record, seen=[]):  # noqa: B006 - counter shared by the calls
         seen.append(record)
@@ -252,6 +274,20 @@ def test_a_rank_without_windows_still_takes_every_step(two_ranks):
         for w, e in zip(report["windows"], single.report["windows"], strict=True):
             assert w["epoch_losses"] == pytest.approx(e["epoch_losses"], rel=1e-5)
         weights = load_file(str(log / f"lone{rank}.safetensors"))
+        for name, value in single.model.state_dict().items():
+            torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_an_moe_run_counts_every_ranks_expert_tokens(two_ranks):
+    _, log, _ = two_ranks
+    single = quantize(tiny_model("qwen3_moe", layers=2), None, config(), calib=CALIB,
+                      show_progress=False)
+    expected = single.report["experts"]["tokens_per_expert"]
+    assert sum(map(sum, expected.values())) == 2 * CALIB.numel() * len(expected)  # top-2
+    for rank in range(2):
+        report = json.loads((log / f"moe{rank}.json").read_text())
+        assert report["experts"]["tokens_per_expert"] == expected
+        weights = load_file(str(log / f"moe{rank}.safetensors"))
         for name, value in single.model.state_dict().items():
             torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=name)
 

@@ -184,5 +184,11 @@ def launch(device: torch.device) -> torch.device:
         dist.init_process_group("nccl", timeout=LAUNCH_TIMEOUT, device_id=device)
     else:
         dist.init_process_group("gloo", timeout=LAUNCH_TIMEOUT)
-    atexit.register(dist.destroy_process_group)
+    atexit.register(_leave)
     return device
+
+
+def _leave() -> None:
+    """Leave the group `launch` joined, unless the program already did."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

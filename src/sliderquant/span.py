@@ -14,6 +14,7 @@ from sliderquant.checkpoint import CheckpointStore
 from sliderquant.config import QuantConfig
 from sliderquant.distributed import Collective
 from sliderquant.engine import Engine, WindowRecord
+from sliderquant.expert_coverage import ExpertCoverage, count_expert_tokens
 from sliderquant.fold import fold_layers
 from sliderquant.models.adapters import DecoderAdapter
 from sliderquant.quant.layer import QuantDecoderLayer
@@ -35,6 +36,7 @@ def quantize_span(
     show_progress: bool = True,
     timings: dict[str, float] | None = None,
     memory: dict[str, int] | None = None,
+    coverage: list[ExpertCoverage] | None = None,
     collective: Collective | None = None,
 ) -> tuple[list[WindowRecord], dict[str, torch.Tensor]]:
     """Quantize layers `first`..`last` (inclusive; default all) of `adapter.model` in place
@@ -43,9 +45,11 @@ def quantize_span(
 
     Returns the window records and the grids (see `fold.fold_layers`). `timings` receives
     `capture_s`, `train_s` (trained methods) and `fold_s`; `memory` receives
-    `peak_cache_bytes`, the most bytes this process's activation caches held at once. The
-    LoRA initialisation draws from one generator seeded with `config.seed`, layer by layer
-    from layer 0, so a layer's start does not depend on the span.
+    `peak_cache_bytes`, the most bytes this process's activation caches held at once;
+    `coverage` receives, for a trained method on a model with MoE layers, the calibration
+    tokens routed to each expert (summed over the ranks). The LoRA initialisation draws from
+    one generator seeded with `config.seed`, layer by layer from layer 0, so a layer's start
+    does not depend on the span.
 
     With a `collective` of several ranks (see engine.py), each rank embeds and trains on its
     shard of `ids` only; every rank returns the same records and folds the same weights.
@@ -66,6 +70,10 @@ def quantize_span(
         x = embed(adapter, ids[shard.start:shard.stop], config.inference_batch_size)
         rope = adapter.rotary(x.new_zeros(1, 1, x.shape[-1]).to(device), ids.shape[1])
         x = _through_fp_layers(views[:first], x, rope, device)
+        if coverage is not None and any(v.moe() is not None for v in views[first:]):
+            mine = count_expert_tokens(views[first:], x, rope, device,
+                                       config.inference_batch_size, first)
+            coverage.append(ExpertCoverage(_summed(collective.gather(mine.tokens))))
         timings["capture_s"] = time.perf_counter() - t
         t = time.perf_counter()
         engine = Engine(views[first:], rope, config, device, store, fingerprint, on_unit_end,
@@ -109,3 +117,9 @@ def _through_fp_layers(views: list[QuantDecoderLayer], x: torch.Tensor,
             h = view(h, cos, sin)
         rows.append(h.cpu())
     return torch.cat(rows)
+
+
+def _summed(per_rank: list[dict[int, list[int]]]) -> dict[int, list[int]]:
+    """Token counts per layer and expert, added up over the ranks."""
+    return {layer: [sum(c) for c in zip(*(r[layer] for r in per_rank), strict=True)]
+            for layer in per_rank[0]}
