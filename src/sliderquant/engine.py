@@ -52,6 +52,9 @@ class WindowRecord:
     epoch_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     retries: int = 0
+    # the window's loss before its first step (learnables at their start, e.g. RTN grids):
+    # one no-grad pass over all calibration windows, comparable with the epoch means
+    initial_loss: float | None = None
 
 
 def make_schedule(config: QuantConfig, num_layers: int) -> list[Window]:
@@ -206,6 +209,7 @@ class Engine:
             began = time.perf_counter()
             try:
                 with self._placed(layers):
+                    record.initial_loss = self._loss(layers, xq, target, unit.train_rates[0])
                     for k, rate in enumerate(unit.train_rates):
                         generator = torch.Generator().manual_seed(
                             self.config.seed * 1_000_003 + index * 17 + k)
@@ -230,6 +234,20 @@ class Engine:
             bar.refresh()
             tqdm.write(f"non-finite loss in window {unit.window}: restored its learnables, "
                        f"retrying at {lr_factor:g}x the learning rate")
+
+    @torch.no_grad()
+    def _loss(self, layers, xq, target, rate) -> float:
+        """Mean squared error of the window's quantized output on every calibration window,
+        in inference chunks (the same mean as an epoch's loss)."""
+        total, size = 0.0, self.config.inference_batch_size
+        with self._autocast():
+            for lo in range(0, xq.shape[0], size):
+                h = xq[lo:lo + size].to(self.device)
+                for layer in layers:
+                    h = layer(h, self.cos, self.sin, True, rate)
+                y = target[lo:lo + size].to(self.device)
+                total += F.mse_loss(h.float(), y.float(), reduction="sum").item()
+        return total / target.numel()
 
     def _optimise(self, layers, xq, target, rate, generator, lr_factor, bar) -> list[float]:
         cfg = self.config
