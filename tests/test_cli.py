@@ -139,16 +139,28 @@ def test_yaml_values_are_coerced_by_type(tmp_path):
 def test_ctrl_c_is_one_line_naming_resume(capsys, data_root, tmp_path, monkeypatch):
     from sliderquant import api
 
+    out = tmp_path / "x"
+    argv = ["quantize", "stories260k", "--data-dir", str(data_root), "--method", "rtn",
+            "--tasks", "none", "--out", str(out), "--quiet"]
+
     def interrupt(*_, **__):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(api, "quantize", interrupt)
-    code = main(["quantize", "stories260k", "--data-dir", str(data_root), "--method", "rtn",
-                 "--tasks", "none", "--out", str(tmp_path / "x"), "--quiet"])
+    assert main(argv) == 130
     err = capsys.readouterr().err
-    assert code == 130
-    assert "interrupted" in err and "--resume" in err and "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1
+    assert "interrupted; no window had finished, so there is nothing to --resume" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+    def interrupt_after_a_window(*_, output_dir, **__):
+        (output_dir / api.CHECKPOINT_DIR).mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "quantize", interrupt_after_a_window)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert f"checkpointed in {out}; run the same command with --resume to continue" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_rtn_needs_no_calibration_data(capsys, data_root, tmp_path):

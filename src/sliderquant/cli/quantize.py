@@ -120,9 +120,16 @@ def _config_from_args(args: argparse.Namespace) -> QuantConfig:
 
 
 def interrupted(args: argparse.Namespace) -> str:
-    """What to do after Ctrl-C."""
-    return (f"windows finished so far are checkpointed in {args.out}; run the same command "
-            "with --resume to continue")
+    """What to do after Ctrl-C, from what the run left in --out."""
+    from sliderquant.api import CHECKPOINT_DIR, RUN_FILE
+
+    if (args.out / RUN_FILE).is_file():
+        return (f"the quantized model is saved in {args.out}; evaluate it with "
+                f"`sliderquant eval {args.out}`")
+    if (args.out / CHECKPOINT_DIR).is_dir():
+        return (f"the windows finished so far are checkpointed in {args.out}; run the same "
+                "command with --resume to continue")
+    return "no window had finished, so there is nothing to --resume; run the command again"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
     from sliderquant.data import resolve_data_root
     from sliderquant.eval.perplexity import check_data
 
+    clock = Clock()
     config = _config_from_args(args)
     tasks = options.parse_tasks(args.tasks)
     perplexity_sets, lm_eval_tasks = options.split_tasks(tasks)
@@ -141,7 +149,6 @@ def run(args: argparse.Namespace) -> int:
     check_data(perplexity_sets, data_root)
     if lm_eval_tasks:
         api.check_tasks(lm_eval_tasks)
-    clock = Clock()
     with clock("load"):
         loaded = api.load(args.model, args.data_dir, options.torch_dtype(args.dtype),
                           args.trust_remote_code)
