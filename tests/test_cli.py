@@ -320,3 +320,26 @@ def test_local_hugging_face_folder_and_w4a16_reload_in_plain_transformers(capsys
     with torch.no_grad():
         assert torch.equal(plain(ids).logits, ours.model(ids).logits)
         assert not torch.equal(plain(ids).logits, source.model(ids).logits)
+
+
+def test_summary_table_compares_fp_and_quantized_per_task(capsys):
+    from sliderquant.cli.printing import print_summary
+
+    fp = {"wikitext2": {"ppl": 20.0}, "piqa": {"metric": "acc_norm", "value": 0.65}}
+    quantized = {"wikitext2": {"ppl": 23.0, "windows": 8, "seqlen": 2048},
+                 "piqa": {"metric": "acc_norm", "value": 0.62}}
+    phases = {"load": {"wall_s": 20.0, "cpu_s": 25.0},
+              "quantize": {"wall_s": 300.0, "cpu_s": 580.0,
+                           "parts": {"training": 290.0, "fold": 2.0, "save": 3.0}},
+              "total": {"wall_s": 400.0, "cpu_s": 700.0}}
+    windows = [{"initial_loss": 1.0, "epoch_losses": [0.8, 0.5]},
+               {"initial_loss": 2.0, "epoch_losses": [1.5]}]
+    print_summary(quantized, fp, size_bytes=3 * 2**20, peak_rss_mb=1500.0, peak_gpu_mb=None,
+                  phases=phases, windows=windows)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split() == ["wikitext2", "ppl", "20.000", "23.000", "+15.0", "%"]
+    assert lines[3].split() == ["piqa", "acc_norm", "0.6500", "0.6200", "-0.0300"]
+    assert ("quantize time 300 s (580 CPU s); size on disk 3.0 MiB; peak memory 1500 MiB RSS"
+            in lines)
+    assert "median -25 %, best -50 %, worst -25 % over 2 windows" in lines[5]
+    assert lines[-4].split() == ["training", "290.0"]

@@ -216,7 +216,13 @@ def data_root_of(args: argparse.Namespace, run: dict | None = None) -> str | Non
 def silence_libraries() -> None:
     """Turn off the progress bars and info logs of transformers, datasets and
     huggingface_hub: through their environment variables for modules not imported yet,
-    through their switches for those already imported."""
+    through their switches for those already imported; and every other tqdm bar of the
+    process (transformers' GGUF loader uses plain tqdm), unless a caller asks for it."""
+    import functools
+
+    import tqdm
+
+    tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)
     for name, value in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
                         ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
                         ("TRANSFORMERS_VERBOSITY", "error"), ("DATASETS_VERBOSITY", "error")):
