@@ -103,7 +103,7 @@ def check_source(spec: str, data_root: Path | None, chat_template: bool) -> Sour
     if source.kind == "wikitext2" and data_root is not None:
         wikitext2_file(source.name, data_root)
     if source.kind == "table":
-        _require_template(source, _table_column(Path(source.name), None, peek=True),
+        _require_template(source, _table_column(Path(source.name)),
                           chat_template)
     elif source.kind in ("wikitext2", "c4", "text"):
         _require_template(source, "text", chat_template)
@@ -204,7 +204,7 @@ def _records(source: Source, data_root: Path | None, chars: int) -> tuple[str, l
         return "text", [Path(source.name).read_text(encoding="utf-8")]
     if source.kind == "table":
         path = Path(source.name)
-        column = _table_column(path, None)
+        column = _table_column(path)
         return column, _table_rows(path, column)
     return _hf_records(source, chars)
 
@@ -231,8 +231,9 @@ def _pick_column(columns, wanted: str | None, where: str) -> str:
                     "name the column with hf:NAME:CONFIG:SPLIT:COLUMN or rename it")
 
 
-def _table_column(path: Path, wanted: str | None, peek: bool = False) -> str:
-    """The column of a local table to read, from its first record or its schema."""
+def _table_column(path: Path) -> str:
+    """The column of a local table to read (text, else messages), from its schema or its
+    first record."""
     if path.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq
 
@@ -240,11 +241,11 @@ def _table_column(path: Path, wanted: str | None, peek: bool = False) -> str:
             names = pq.read_schema(path).names
         except Exception as e:  # pyarrow raises several types for a broken file
             raise DataError(f"cannot read {path} as Parquet: {e}") from e
-        return _pick_column(names, wanted, str(path))
-    first = _json_rows(path, limit=1 if peek else None)
+        return _pick_column(names, None, str(path))
+    first = _json_rows(path, limit=1)
     if not first:
         raise DataError(f"{path} holds no records")
-    return _pick_column(first[0], wanted, str(path))
+    return _pick_column(first[0], None, str(path))
 
 
 def _json_rows(path: Path, limit: int | None = None) -> list[dict]:

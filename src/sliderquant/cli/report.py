@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     auto = record.get("auto_schedule")
     depths = (f"shallow {cfg['shallow']} deep {cfg['deep']}"
               + (" (auto)" if auto else "") if cfg["method"] == "sliderquant" else "")
-    title = (f"{record.get('model', args.run)}: {cfg['method']} W{cfg['wbits']}A{cfg['abits']}"
+    bits = cfg.get("scheme") or f"W{cfg['wbits']}A{cfg['abits']}"
+    title = (f"{record.get('model', args.run)}: {cfg['method']} {bits}"
              f" ({cfg.get('preset') or 'custom'}) {depths}")
     path = training(windows, num_layers, (args.out or args.run / "figures") / "report.png",
                     title)
