@@ -62,6 +62,13 @@ def test_every_subcommand_accepts_the_shared_flag_names():
                                                             "--eval-seqlen", "--scheme"}
 
 
+def test_old_flag_spellings_are_hidden_aliases():
+    parser = build_parser()
+    assert parser.parse_args(["ranges", "r", "--windows", "3"]).nsamples == 3
+    assert parser.parse_args(["sensitivity", "m", "--dataset", "c4"]).tasks == "c4"
+    assert parser.parse_args(["sensitivity", "m"]).tasks == "wikitext2"
+
+
 def test_version_and_choices_in_help(capsys):
     from sliderquant import __version__
 

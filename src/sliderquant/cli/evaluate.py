@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     if (Path(args.model).expanduser() / api.RUN_FILE).is_file():
         run_record = api.read_run_record(Path(args.model).expanduser())
     data_dir = options.data_root_of(args, run_record)
-    check_data(perplexity_sets, resolve_data_root(data_dir))
+    root = resolve_data_root(data_dir)
+    check_data(perplexity_sets, root)
     if lm_eval_tasks:
         api.check_tasks(lm_eval_tasks)
     loaded = api.load(args.model, data_dir, dtype, args.trust_remote_code)
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         reference.model.to(device)
         seqlen = options.eval_length(reference.model, seqlen, args)
         say(args, f"KL reference: {reference.source}")
-    results: dict = {"model": loaded.source, "data_root": data_dir}
+    results: dict = {"model": loaded.source, "data_root": str(root.resolve()) if root else None}
     if perplexity_sets:
         results["perplexity"] = api.evaluate_perplexity(
             loaded.model, loaded.tokenizer, perplexity_sets, seqlen, args.eval_windows,
