@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sliderquant import __version__, calibration
-from sliderquant.atomic import write_text
+from sliderquant.atomic import apply_umask, write_text
 from sliderquant.checkpoint import CheckpointError, CheckpointStore
 from sliderquant.config import AUTO_SCHEDULE, ConfigError, QuantConfig
 from sliderquant.data import DataError, resolve_data_root
@@ -31,7 +31,7 @@ from sliderquant.engine import Engine, NonFiniteLossError, WindowRecord, make_sc
 from sliderquant.eval.divergence import window_divergence
 from sliderquant.eval.perplexity import eval_windows, perplexity_from_nlls, window_nlls
 from sliderquant.eval.zeroshot_data import TASKS as ZEROSHOT_TASKS
-from sliderquant.export.source import ExportError, ExportResult, QuantizedRun
+from sliderquant.export.source import ExportError, ExportResult
 from sliderquant.fold import fold_layers, install_activation_quantization
 from sliderquant.models.adapters import (
     ContextLengthError,
@@ -69,7 +69,8 @@ class MissingExtraError(ImportError):
 USER_ERRORS = (ConfigError, DataError, CheckpointError, RunFolderError, ModelLoadError,
                UnsupportedModelError, ContextLengthError, NonFiniteLossError, ExportError,
                MissingExtraError)
-EXPORT_FORMATS = ("gguf", "packed")
+EXPORT_FORMATS = ("compressed", "gguf")
+EXPORT_ALIASES = {"packed": "compressed"}  # the name before 0.2
 
 
 @dataclass
@@ -255,6 +256,7 @@ def save_quantized(result: QuantizeResult, tokenizer, output_dir: str | os.PathL
             save_file({k: v.contiguous() for k, v in result.grids.items()},
                       str(Path(staging) / GRID_FILE))
         for item in Path(staging).iterdir():
+            apply_umask(item)  # safetensors writes its files 0600
             os.replace(item, out / item.name)
     write_text(out / RUN_FILE, json.dumps(result.report, indent=1))
     return out
@@ -271,18 +273,25 @@ def update_run_record(output_dir: str | os.PathLike, **entries) -> None:
 def load(ref: str, data_dir: str | os.PathLike | None = None,
          dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> LoadedModel:
     """Load any model reference; a sliderquant run folder comes back with its activation
-    quantizers installed and its run record in `.run`; a packed (compressed-tensors) folder
-    is unpacked to float."""
-    from sliderquant.export import packed
+    quantizers installed and its run record in `.run`; a compressed (compressed-tensors
+    pack-quantized) folder is unpacked to `dtype`, with the activation quantization it
+    describes (and, for sliderquant's own exports, the run's q/k/v quantization)."""
+    from sliderquant.export import compressed
+    from sliderquant.export.target import read_marker
 
     path = Path(ref).expanduser()
     if (path / RUN_FILE).is_file():
         return load_quantized(path, dtype)
-    if path.is_dir() and packed.is_packed_folder(path):
-        model, tokenizer = packed.load_packed(path, dtype)
-        return LoadedModel(model, tokenizer, source=str(path),
-                           note=f"packed ({packed.FORMAT}) checkpoint, weights unpacked to "
-                                f"{str(dtype).removeprefix('torch.')}")
+    if path.is_dir() and compressed.is_compressed_folder(path):
+        model, tokenizer = compressed.load_compressed(path, dtype)
+        marker = read_marker(path)
+        abits = compressed.activation_bits(path)
+        if abits is not None:
+            install_activation_quantization(DecoderAdapter(model), abits,
+                                            bool(marker.get("quantize_attention")))
+        return LoadedModel(model, tokenizer, source=str(path), run=marker.get("run"),
+                           note=f"compressed ({compressed.FORMAT}) checkpoint, weights "
+                                f"unpacked to {str(dtype).removeprefix('torch.')}")
     return load_model(ref, resolve_data_root(data_dir), dtype, trust_remote_code)
 
 
@@ -336,6 +345,7 @@ def export(
     out: str | os.PathLike | None = None,
     *,
     overwrite: bool = False,
+    dtype: str | None = None,
     exact: bool = False,
     float_type: str = "f16",
     embedding_type: str | None = None,
@@ -343,38 +353,50 @@ def export(
     drop_activation_quantization: bool = False,
     warn: Callable[[str], None] = lambda _: None,
 ) -> ExportResult:
-    """Write a finished run for an inference engine: `gguf` (llama.cpp; default
-    `RUN/model.gguf`) or `packed` (compressed-tensors pack-quantized for transformers and
-    vLLM; default `RUN/packed`). See `sliderquant.export.gguf` / `.packed` for the rules."""
-    from sliderquant.export.gguf import export_gguf
-    from sliderquant.export.packed import export_packed
+    """Write a finished run for an inference engine: `compressed` (alias `packed`:
+    compressed-tensors pack-quantized for transformers and vLLM; default `RUN/<fmt>`) or
+    `gguf` (llama.cpp; default `RUN/model.gguf`). `overwrite` replaces only an earlier
+    export. `dtype` (compressed: float16, bfloat16, float32) defaults to the source model's
+    own. See `sliderquant.export.compressed` / `.gguf` for the rules."""
+    from sliderquant.export.compressed import write_compressed
+    from sliderquant.export.gguf import write_gguf
+    from sliderquant.export.target import check_target
+    from sliderquant.models.loading import FLOAT_DTYPES, storage_dtype
 
     folder = Path(run_dir)
-    if not (folder / RUN_FILE).is_file():
-        raise RunFolderError(f"{folder} is not a finished sliderquant run (no {RUN_FILE})")
-    if fmt not in EXPORT_FORMATS:
+    if fmt not in (*EXPORT_FORMATS, *EXPORT_ALIASES):
         raise ExportError(f"unknown export format {fmt!r}; use one of "
                           f"{', '.join(EXPORT_FORMATS)}")
-    target = Path(out) if out else folder / ("model.gguf" if fmt == "gguf" else "packed")
-    if target.resolve() in (folder.resolve(), *folder.resolve().parents) or \
-            (fmt == "gguf" and target.is_dir()):
-        raise RunFolderError(f"--out {target} would replace the run folder or a folder; "
-                             "name a new file or folder")
-    if target.exists() and not overwrite:
-        raise RunFolderError(f"{target} exists; choose another --out or pass --overwrite")
-    record = json.loads((folder / RUN_FILE).read_text())
-    run = QuantizedRun(load_model(str(folder), None).model, folder, record, load_grids(folder),
-                       source_gguf=_source_gguf(record.get("model")))
-    if fmt == "packed":
-        return export_packed(run, target, drop_activation_quantization)
-    if run.abits < 16 and not drop_activation_quantization:
-        raise ExportError(
-            f"this run quantizes activations to {run.abits} bits (W{run.wbits}A{run.abits}); "
-            f"GGUF holds weights only and llama.cpp would run it as W{run.wbits}A16. Pass "
-            "--drop-activation-quantization to export its weights anyway")
-    return export_gguf(run, target, exact=exact, float_type=float_type,
-                       embedding_type=embedding_type,
-                       vocab_from=Path(vocab_from) if vocab_from else None, warn=warn)
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ExportError(f"dtype {dtype!r}: use one of {', '.join(FLOAT_DTYPES)}")
+    record = read_run_record(folder)
+    target = Path(out) if out else folder / ("model.gguf" if fmt == "gguf" else fmt)
+    if target.resolve() in (folder.resolve(), *folder.resolve().parents):
+        raise RunFolderError(f"--out {target} would replace the run folder; name a new file "
+                             "or folder")
+    check_target(target, overwrite, folder=fmt != "gguf")
+    config = QuantConfig.from_dict(record["config"])
+    loaded = load_model(str(folder), None)
+    grids = load_grids(folder)
+    source = str(record.get("model", ""))
+    if fmt == "gguf":
+        return write_gguf(loaded.model, grids, config, loaded.tokenizer, target,
+                          source=source, source_gguf=_source_gguf(record.get("model")),
+                          vocab_from=Path(vocab_from) if vocab_from else None, exact=exact,
+                          float_type=float_type, embedding_type=embedding_type,
+                          drop_activation_quantization=drop_activation_quantization,
+                          warn=warn)
+    ref = record.get("model_ref") or source.removesuffix(" (embedded default)")
+    found = storage_dtype(ref, resolve_data_root(None)) if dtype is None else \
+        (FLOAT_DTYPES[dtype], "--dtype")
+    chosen, why = found or (loaded.model.dtype, "the source model's own dtype is not known "
+                                                "here, so the run's; --dtype to choose")
+    result = write_compressed(loaded.model, grids, config, loaded.tokenizer, target,
+                              dtype=chosen, record=record,
+                              drop_activation_quantization=drop_activation_quantization)
+    result.notes.insert(0, f"unquantized tensors and scales stored as "
+                           f"{str(chosen).removeprefix('torch.')} ({why})")
+    return result
 
 
 def _source_gguf(source: str | None) -> Path | None:

@@ -14,6 +14,7 @@ re-quantizes: it stores such tensors as Q4_1 or float instead.
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,9 +25,16 @@ from gguf import GGMLQuantizationType as T
 
 from sliderquant import __version__
 from sliderquant.atomic import atomic_path
+from sliderquant.config import QuantConfig
 from sliderquant.export.gguf_blocks import ENCODERS
 from sliderquant.export.gguf_vocab import convert_tokenizer, copy_field, copy_tokenizer
-from sliderquant.export.source import ExportError, ExportResult, QuantizedRun, TensorReport
+from sliderquant.export.source import (
+    ExportError,
+    ExportResult,
+    TensorReport,
+    grid_codes,
+    is_quantized,
+)
 from sliderquant.models.adapters import DecoderAdapter
 
 NATURAL = {2: T.Q2_K, 3: T.Q3_K, 4: T.Q4_1, 8: T.Q8_0}
@@ -40,18 +48,37 @@ _OWN_KEYS = {"general.architecture", "general.file_type", "general.quantization_
              "general.quantized_by", "general.alignment"}
 
 
-def export_gguf(
-    run: QuantizedRun,
+def write_gguf(
+    model: torch.nn.Module,
+    grids: dict[str, torch.Tensor],
+    config: QuantConfig,
+    tokenizer,
     out: Path,
     *,
+    source: str = "",
+    source_gguf: Path | None = None,
+    vocab_from: Path | None = None,
     exact: bool = False,
     float_type: str = "f16",
     embedding_type: str | None = None,
-    vocab_from: Path | None = None,
+    drop_activation_quantization: bool = False,
     warn: Callable[[str], None] = lambda _: None,
 ) -> ExportResult:
-    """Write `run` as a GGUF file at `out` (atomically) and report every tensor."""
-    adapter = DecoderAdapter(run.model)
+    """Write the folded `model` with its weight `grids` (see `fold.fold_layers`) as a GGUF
+    file at `out` (atomically) and report every tensor.
+
+    `config` is the run's QuantConfig; `source` names the model it was quantized from and
+    `source_gguf` the GGUF it was loaded from, if any (its tokenizer and descriptive keys are
+    copied; `vocab_from` names another GGUF to copy them from). Otherwise `tokenizer` (a
+    Hugging Face fast tokenizer) is converted.
+    """
+    if config.abits < 16 and not drop_activation_quantization:
+        raise ExportError(
+            f"this run quantizes activations to {config.abits} bits (W{config.wbits}A"
+            f"{config.abits}); GGUF holds weights only and llama.cpp would run it as "
+            f"W{config.wbits}A16. Pass --drop-activation-quantization to export its weights "
+            "anyway")
+    adapter = DecoderAdapter(model)
     arch = ARCHITECTURES.get(adapter.family.name)
     if arch is None:
         raise ExportError(f"GGUF export supports {', '.join(ARCHITECTURES)} models, not "
@@ -62,13 +89,14 @@ def export_gguf(
     if embedding_type not in EMBEDDING_TYPES:
         raise ExportError(f"embedding type {embedding_type!r}: use one of "
                           f"{', '.join(EMBEDDING_TYPES)}")
-    config = run.model.config
-    rope_theta, rope_type = _rope(config)
+    hf_config = model.config
+    rope_theta, rope_type = _rope(hf_config)
     if rope_type not in ("default", None):
         raise ExportError(f"RoPE scaling {rope_type!r} is not exported to GGUF yet")
 
     arch_name = gguf.MODEL_ARCH_NAMES[arch]
     names = gguf.get_tensor_name_map(arch, adapter.num_layers)
+    grids = {k: v.detach().cpu() for k, v in grids.items()}
     result = ExportResult(path=out, format="gguf", size_bytes=0)
 
     def note(text: str) -> None:
@@ -77,16 +105,18 @@ def export_gguf(
 
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch_name)
-        _write_metadata(writer, run, adapter, rope_theta)
-        source = vocab_from or run.source_gguf
-        if source is not None:
-            _copy_general(source, writer)
-            copy_tokenizer(source, writer, config.vocab_size)
+        _write_metadata(writer, hf_config, config, source, adapter, rope_theta)
+        vocab = vocab_from or source_gguf
+        if vocab is not None:
+            _copy_general(vocab, writer)
+            copy_tokenizer(vocab, writer, hf_config.vocab_size)
         else:
-            convert_tokenizer(run.folder, writer, config.vocab_size, note)
+            with tempfile.TemporaryDirectory() as folder:
+                tokenizer.save_pretrained(folder)
+                convert_tokenizer(Path(folder), writer, hf_config.vocab_size, note)
         main_types = []
-        tied = getattr(config, "tie_word_embeddings", False)
-        for hf_name, tensor in run.model.state_dict().items():
+        tied = getattr(hf_config, "tie_word_embeddings", False)
+        for hf_name, tensor in model.state_dict().items():
             if hf_name == "lm_head.weight" and tied:
                 continue
             module, _, suffix = hf_name.rpartition(".")
@@ -94,12 +124,12 @@ def export_gguf(
             if base is None:
                 raise ExportError(f"no GGUF name for tensor {hf_name}")
             name = f"{base}.{suffix}"
-            data = _to_llama_layout(arch, name, tensor.detach().float(), adapter)
-            if run.is_quantized(module) and suffix == "weight":
+            data = _to_llama_layout(arch, name, tensor.detach().float().cpu(), adapter)
+            if is_quantized(grids, module) and suffix == "weight":
                 s, z, c = (_to_llama_layout(arch, name, torch.from_numpy(a), adapter).numpy()
-                           for a in run.element_grid(module, tensor))
+                           for a in grid_codes(module, tensor, grids, config.wbits))
                 qtype, encoded, report = _encode_quantized(name, data.numpy(), s, z, c,
-                                                           run.wbits, exact, float_type)
+                                                           config.wbits, exact, float_type)
                 main_types.append(qtype)
             elif data.dim() == 1:
                 qtype, encoded = T.F32, data.numpy().astype(np.float32)
@@ -136,9 +166,8 @@ def _rope(config) -> tuple[float, str | None]:
     return float(theta), rope_type
 
 
-def _write_metadata(writer: gguf.GGUFWriter, run: QuantizedRun, adapter, rope_theta: float
-                    ) -> None:
-    config = run.model.config
+def _write_metadata(writer: gguf.GGUFWriter, config, quant: QuantConfig, source: str, adapter,
+                    rope_theta: float) -> None:
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_quantized_by(f"sliderquant {__version__}")
     writer.add_context_length(adapter.max_positions)
@@ -154,8 +183,8 @@ def _write_metadata(writer: gguf.GGUFWriter, run: QuantizedRun, adapter, rope_th
     writer.add_layer_norm_rms_eps(adapter.eps)
     writer.add_rope_freq_base(rope_theta)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_string("sliderquant.config", json.dumps(run.record.get("config", {})))
-    writer.add_string("sliderquant.source", str(run.record.get("model", "")))
+    writer.add_string("sliderquant.config", json.dumps(quant.to_dict()))
+    writer.add_string("sliderquant.source", source)
 
 
 def _copy_general(source: Path, writer: gguf.GGUFWriter) -> None:

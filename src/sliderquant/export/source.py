@@ -1,5 +1,6 @@
-"""What an exporter reads (a finished run: folded model, weight grids, run record) and what
-it reports back (per tensor: storage type, exact or not, measured error)."""
+"""What every exporter shares: the integer codes of a folded weight on its learned grid,
+and what an export reports back (per tensor: storage type, exact or not, measured error;
+notes on which engines run the result)."""
 
 from __future__ import annotations
 
@@ -11,55 +12,35 @@ import torch
 
 
 class ExportError(ValueError):
-    """The run cannot be written in the requested format; the message says why."""
+    """The model cannot be written in the requested format; the message says why."""
 
 
-@dataclass
-class QuantizedRun:
-    """A finished sliderquant run, as the exporters see it."""
+def is_quantized(grids: dict[str, torch.Tensor], module: str) -> bool:
+    """Whether `module` (a Linear's path) has a learned weight grid."""
+    return f"{module}.step" in grids
 
-    model: torch.nn.Module  # plain transformers model holding the folded weights
-    folder: Path  # the run folder (Hugging Face files, tokenizer)
-    record: dict  # sliderquant.json
-    grids: dict[str, torch.Tensor]  # "<module>.step" / "<module>.zero", [out, n_groups]
-    source_gguf: Path | None = None  # GGUF the model came from (its tokenizer is reused)
 
-    @property
-    def wbits(self) -> int:
-        return int(self.record["config"]["wbits"])
-
-    @property
-    def abits(self) -> int:
-        return int(self.record["config"]["abits"])
-
-    @property
-    def group_size(self) -> int | None:
-        return self.record["config"].get("group_size")
-
-    def is_quantized(self, module: str) -> bool:
-        return f"{module}.step" in self.grids
-
-    def element_grid(self, module: str, weight: torch.Tensor
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(step, zero, codes) of every entry of `module`'s weight, float64 [out, in],
-        checked against the stored weight: weight == step * (codes - zero)."""
-        step, zero = self.grids[f"{module}.step"].double(), self.grids[f"{module}.zero"].double()
-        rows, cols = weight.shape
-        if step.shape[0] != rows or cols % step.shape[1]:
-            raise ExportError(f"the grid of {module} ({list(step.shape)}) does not fit its "
-                              f"weight ({rows}x{cols})")
-        width = cols // step.shape[1]
-        s = step.repeat_interleave(width, dim=1)
-        z = zero.repeat_interleave(width, dim=1)
-        w = weight.detach().double()
-        codes = torch.round(w / s) + z
-        off = ((s * (codes - z) - w).abs() / s).max().item()
-        top = 2 ** self.wbits - 1
-        if off > 1e-3 or codes.min() < 0 or codes.max() > top:
-            raise ExportError(f"{module} does not sit on its recorded {self.wbits}-bit grid "
-                              f"(largest offset {off:.2g} steps); the run folder is "
-                              "inconsistent: re-run the quantization")
-        return s.numpy(), z.numpy(), codes.numpy()
+def grid_codes(module: str, weight: torch.Tensor, grids: dict[str, torch.Tensor], bits: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(step, zero, codes) of every entry of `module`'s weight, float64 [out, in], checked
+    against the weight: weight == step * (codes - zero) with codes in 0 .. 2**bits - 1."""
+    step = grids[f"{module}.step"].double()
+    zero = grids[f"{module}.zero"].double()
+    rows, cols = weight.shape
+    if step.shape[0] != rows or cols % step.shape[1]:
+        raise ExportError(f"the grid of {module} ({list(step.shape)}) does not fit its "
+                          f"weight ({rows}x{cols})")
+    width = cols // step.shape[1]
+    s = step.repeat_interleave(width, dim=1)
+    z = zero.repeat_interleave(width, dim=1)
+    w = weight.detach().double().cpu()
+    codes = torch.round(w / s) + z
+    off = ((s * (codes - z) - w).abs() / s).max().item()
+    if off > 1e-3 or codes.min() < 0 or codes.max() > 2**bits - 1:
+        raise ExportError(f"{module} does not sit on its recorded {bits}-bit grid (largest "
+                          f"offset {off:.2g} steps); the weights and grids do not belong "
+                          "together: re-run the quantization")
+    return s.numpy(), z.numpy(), codes.numpy()
 
 
 @dataclass
@@ -80,6 +61,7 @@ class ExportResult:
     size_bytes: int
     tensors: list[TensorReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # which engines run it, what is lost
 
     def summary(self) -> list[str]:
         """Human-readable lines: one per (storage, status, reason) group."""
@@ -102,5 +84,5 @@ class ExportResult:
 
     def to_dict(self) -> dict:
         return {"path": str(self.path), "format": self.format, "size_bytes": self.size_bytes,
-                "warnings": self.warnings,
+                "warnings": self.warnings, "notes": self.notes,
                 "tensors": [vars(t) for t in self.tensors]}

@@ -16,14 +16,20 @@ import torch
 _HEADER = struct.Struct("<7i")
 
 
+class Llama2cFormatError(ValueError):
+    """The file is not a whole llama2.c checkpoint or tokenizer; the message says why."""
+
+
 def load_llama2c(model_path: Path, tokenizer_path: Path):
     """(LlamaForCausalLM, PreTrainedTokenizerFast) from llama2.c files, in float32."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     raw = model_path.read_bytes()
     if len(raw) < _HEADER.size:
-        raise ValueError(f"{model_path} is too small to be a llama2.c checkpoint")
+        raise Llama2cFormatError(f"{model_path} is too small to be a llama2.c checkpoint")
     dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = _HEADER.unpack_from(raw)
+    if min(dim, hidden, n_layers, n_heads, n_kv, abs(vocab), seq_len) <= 0 or dim % n_heads:
+        raise Llama2cFormatError(f"{model_path} does not start with a llama2.c header")
     tied = vocab > 0
     vocab = abs(vocab)
     head = dim // n_heads
@@ -40,8 +46,9 @@ def load_llama2c(model_path: Path, tokenizer_path: Path):
         shapes.append(("output", (vocab, dim)))
     need = _HEADER.size + 4 * sum(int(np.prod(s)) for _, s in shapes)
     if len(raw) != need:
-        raise ValueError(f"{model_path}: size {len(raw)} does not match the header "
-                         f"(expected {need} bytes for a legacy v0 llama2.c checkpoint)")
+        raise Llama2cFormatError(
+            f"{model_path} has {len(raw)} bytes where its header promises {need} (a legacy "
+            "v0 llama2.c checkpoint): the file is truncated or of another format")
     offset, arrays = _HEADER.size, {}
     for name, shape in shapes:
         count = int(np.prod(shape))
@@ -91,11 +98,20 @@ def load_llama2c_tokenizer(path: Path):
     offset = 4  # int32 max_token_length
     pieces: list[tuple[str, float]] = []
     while offset < len(raw):
-        score, length = struct.unpack_from("<fi", raw, offset)
-        offset += 8
-        piece = raw[offset:offset + length].decode("utf-8")
+        try:
+            score, length = struct.unpack_from("<fi", raw, offset)
+            offset += 8
+            if length < 0 or offset + length > len(raw):
+                raise struct.error("piece runs past the end of the file")
+            piece = raw[offset:offset + length].decode("utf-8")
+        except (struct.error, UnicodeDecodeError) as e:
+            raise Llama2cFormatError(f"{path} is not a whole llama2.c tokenizer (token "
+                                     f"{len(pieces)}: {e}); it is truncated or corrupt") from e
         offset += length
         pieces.append((piece, score))
+    if len(pieces) < 3:
+        raise Llama2cFormatError(f"{path} holds {len(pieces)} tokens; it is not a llama2.c "
+                                 "tokenizer")
     special = {0: "<unk>", 1: "<s>", 2: "</s>"}
     vocab: dict[str, int] = {}
     for i, (piece, _) in enumerate(pieces):
