@@ -97,8 +97,9 @@ def add_eval_arguments(p: argparse.ArgumentParser, default_tasks: str,
              "wikitext2, c4 (perplexity), any lm-eval task: piqa, arc_easy, arc_challenge, "
              "hellaswag, winogrande, boolq read the data root's copies (zeroshot = all six), "
              "other tasks lm-eval's own data from the hub")
+    skip = "" if perplexity_only else "; none to skip"
     p.add_argument("--tasks", default=default_tasks,
-                   help=f"comma-separated: {names}; none to skip (default {default_tasks})")
+                   help=f"comma-separated: {names}{skip} (default {default_tasks})")
     p.add_argument("--eval-seqlen", type=positive_int, default=default_seqlen,
                    help=f"perplexity window length in tokens, capped at the model's context "
                         f"(default {default_seqlen}{seqlen_note})")
