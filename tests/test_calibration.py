@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from sliderquant.calibration import (
-    calibration_ids,
     calibration_windows,
     check_source,
     pack_conversations,
     parse_source,
+    source_ids,
 )
 from sliderquant.data import DataError
 
@@ -112,7 +112,7 @@ def test_packing_starts_every_row_at_a_conversation():
 
 
 def test_chat_jsonl_is_rendered_with_the_template_and_packed(tokenizer, data_root):
-    rows = calibration_ids(tokenizer, str(CHAT), nsamples=3, seqlen=96, seed=2,
+    rows = source_ids(tokenizer, str(CHAT), nsamples=3, seqlen=96, seed=2,
                            data_root=data_root, chat_template=True)
     assert rows.shape == (3, 96)
     rendered = [tokenizer(tokenizer.apply_chat_template(m, tokenize=False),
@@ -128,7 +128,7 @@ def test_a_tokenizer_without_a_template_is_a_clear_error(data_root):
 
     plain = load("stories260k", data_dir=data_root).tokenizer
     with pytest.raises(DataError, match="has no chat template"):
-        calibration_ids(plain, str(CHAT), 2, 32, 0, data_root, chat_template=True)
+        source_ids(plain, str(CHAT), 2, 32, 0, data_root, chat_template=True)
 
 
 def test_text_column_of_jsonl_and_parquet(tokenizer, data_root, tmp_path):
@@ -142,8 +142,8 @@ def test_text_column_of_jsonl_and_parquet(tokenizer, data_root, tmp_path):
                              for i, p in enumerate(paragraphs)))
     parquet = tmp_path / "t.parquet"
     pq.write_table(pa.table({"text": paragraphs}), parquet)
-    a = calibration_ids(tokenizer, str(jsonl), 4, 64, 2, data_root)
-    b = calibration_ids(tokenizer, str(parquet), 4, 64, 2, data_root)
+    a = source_ids(tokenizer, str(jsonl), 4, 64, 2, data_root)
+    b = source_ids(tokenizer, str(parquet), 4, 64, 2, data_root)
     assert a.shape == (4, 64) and torch.equal(a, b)
 
 
@@ -156,13 +156,13 @@ def test_hf_save_to_disk_folder(tokenizer, data_root, tmp_path):
                  "test": Dataset.from_dict({"messages": conversations[:2]})}
                 ).save_to_disk(str(tmp_path / "chat"))
     spec = f"hf:{tmp_path / 'chat'}"
-    rows = calibration_ids(tokenizer, spec, 2, 96, 2, data_root, chat_template=True)
-    direct = calibration_ids(tokenizer, str(CHAT), 2, 96, 2, data_root, chat_template=True)
+    rows = source_ids(tokenizer, spec, 2, 96, 2, data_root, chat_template=True)
+    direct = source_ids(tokenizer, str(CHAT), 2, 96, 2, data_root, chat_template=True)
     assert torch.equal(rows, direct)
     with pytest.raises(DataError, match="no split 'validation'"):
-        calibration_ids(tokenizer, spec + "::validation", 2, 96, 2, data_root, True)
+        source_ids(tokenizer, spec + "::validation", 2, 96, 2, data_root, True)
     with pytest.raises(DataError, match="no column 'body'"):
-        calibration_ids(tokenizer, spec + "::train:body", 2, 96, 2, data_root, True)
+        source_ids(tokenizer, spec + "::train:body", 2, 96, 2, data_root, True)
 
 
 def test_hf_local_dataset_folder_is_streamed(tokenizer, data_root, tmp_path):
@@ -171,7 +171,7 @@ def test_hf_local_dataset_folder_is_streamed(tokenizer, data_root, tmp_path):
     text = (data_root / "wikitext2" / "valid.txt").read_text()[:30000]
     (folder / "train.jsonl").write_text("".join(
         json.dumps({"text": p}) + "\n" for p in text.split("\n") if p.strip()))
-    rows = calibration_ids(tokenizer, f"hf:{folder}", 2, 64, 2, data_root)
+    rows = source_ids(tokenizer, f"hf:{folder}", 2, 64, 2, data_root)
     assert rows.shape == (2, 64)
 
 
@@ -182,7 +182,7 @@ def test_unreachable_hub_dataset_is_one_clear_error(tokenizer, data_root, monkey
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError) as err:
-        calibration_ids(tokenizer, "hf:someone/no-such-set", 2, 64, 2, data_root)
+        source_ids(tokenizer, "hf:someone/no-such-set", 2, 64, 2, data_root)
     text = str(err.value)
     assert "could not load the dataset 'someone/no-such-set'" in text and "\n" not in text
     assert "local .jsonl/.parquet file" in text

@@ -59,8 +59,8 @@ def test_window_weights_are_the_models_own_tensors_after_a_visit():
     x0 = adapter.embed(CALIB).detach()
     Engine(layers, adapter.rotary(x0[:1], 32), config(), CUDA, show_progress=False).run(x0)
     for i, layer in enumerate(layers):
-        assert layer.proj["q"].weight.data_ptr() == adapter.parts(i).linears["q"].weight.data_ptr()
-        assert layer.input_norm.data_ptr() == adapter.parts(i).input_norm.weight.data_ptr()
+        assert layer.attn.proj["q"].weight.data_ptr() == adapter.linears(i)["q"].weight.data_ptr()
+        assert layer.attn.norm.data_ptr() == adapter.parts(i).attn.norm.data_ptr()
         assert {p.device.type for p in layer.parameters()} == {"cpu"}
 
 

@@ -33,8 +33,8 @@ def randomise_learnables(layers, seed=0, qk_pairs_equal=False):
                 if "scales" in name:
                     p.copy_(torch.empty_like(p).uniform_(0.5, 2.0, generator=g))
                     if qk_pairs_equal and name.endswith("qkt"):
-                        blocks = p.view(-1, layer.head_dim)
-                        half = layer.head_dim // 2
+                        blocks = p.view(-1, layer.attn.head_dim)
+                        half = layer.attn.head_dim // 2
                         blocks[:, half:] = blocks[:, :half]
                 elif "clip" in name:
                     p.copy_(torch.empty_like(p).uniform_(0.5, 5.0, generator=g))
@@ -72,7 +72,8 @@ def test_channel_scaling_is_an_equivalent_transformation(family):
     fp = stack_logits(adapter, layers, ids, False)
     scaled = stack_logits(adapter, layers, ids, True)
     assert torch.allclose(scaled, fp, atol=1e-4)
-    assert not torch.equal(layers[0].student_weights()["q.weight"], layers[0].proj["q"].weight)
+    attn = layers[0].attn
+    assert not torch.equal(attn.student_weights()["q.weight"], attn.proj["q"].weight)
 
 
 CASES = [
@@ -101,7 +102,7 @@ def test_folded_model_equals_unfolded_student(family, spec):
     # every deployed weight sits exactly on its recorded integer grid
     assert len(grids) == 2 * 7 * adapter.num_layers
     for i in range(adapter.num_layers):
-        for name, lin in adapter.parts(i).linears.items():
+        for name, lin in adapter.linears(i).items():
             path = adapter.linear_path(i, name)
             step, zero = grids[f"{path}.step"], grids[f"{path}.zero"]
             w = lin.weight.view(lin.weight.shape[0], step.shape[1], -1)

@@ -2,10 +2,18 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from sliderquant.quant.quantizer import WeightQuantizer, fake_quantize, quant_params
+from sliderquant.quant.learnables import Clipping
+from sliderquant.quant.quantizer import (
+    QuantGrid,
+    WeightFormat,
+    fake_quantize,
+    quant_params,
+    weight_grid,
+)
 
 
 def test_sixteen_bits_is_identity():
@@ -62,26 +70,81 @@ def test_straight_through_gradient_and_clipping_gradient():
     inner[torch.arange(5), x.argmax(1)] = False
     inner[torch.arange(5), x.argmin(1)] = False
     assert torch.allclose(x.grad[inner], torch.ones(int(inner.sum())))
-    wq = WeightQuantizer(5, 8, bits=2, group_size=None, lwc=True)
-    (wq(x.detach()) ** 2).sum().backward()
-    assert wq.clip_upper.grad.abs().sum() > 0 and wq.clip_lower.grad.abs().sum() > 0
+    clip = Clipping(5, 1)
+    (fake_quantize(x.detach(), 2, **clip.quantizer_args()) ** 2).sum().backward()
+    assert clip.upper.grad.abs().sum() > 0 and clip.lower.grad.abs().sum() > 0
 
 
 def test_clipping_shrinks_the_range():
     x = torch.linspace(-1, 1, 33).unsqueeze(0)
-    wq = WeightQuantizer(1, 33, bits=4, group_size=None, lwc=True)
+    clip = Clipping(1, 1)
     with torch.no_grad():
-        wq.clip_upper.fill_(-1.0)  # sigmoid(-1) ≈ 0.27 of the max
-    assert wq(x).max() < 0.3
+        clip.upper.fill_(-1.0)  # sigmoid(-1) ≈ 0.27 of the max
+    assert fake_quantize(x, 4, **clip.quantizer_args()).max() < 0.3
 
 
 def test_integers_reconstruct_the_fake_quantized_weight():
     torch.manual_seed(4)
     w = torch.randn(6, 32)
-    wq = WeightQuantizer(6, 32, bits=3, group_size=8, lwc=True)
+    clip = Clipping(6, 4)
     with torch.no_grad():
-        wq.clip_upper.uniform_(1, 4)
-    codes, step, zero = wq.integers(w)
+        clip.upper.uniform_(1, 4)
+    grid = weight_grid(w, WeightFormat(3, 8), **clip.quantizer_args())
+    codes, step, zero = grid.codes, grid.step, grid.zero
     assert codes.min() >= 0 and codes.max() <= 7
     rebuilt = ((codes.view(6, 4, 8) - zero[..., None]) * step[..., None]).view(6, 32)
-    assert torch.allclose(rebuilt, wq(w).detach(), atol=1e-6)
+    fake = fake_quantize(w, 3, group_size=8, **clip.quantizer_args()).detach()
+    assert torch.equal(rebuilt, fake)
+    assert torch.equal(grid.dequantize(), fake)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_symmetric_grid_has_the_fixed_mid_zero_point(bits, group_size):
+    torch.manual_seed(5)
+    x = torch.randn(6, 64)
+    step, zero = quant_params(x, bits, group_size, symmetric=True)
+    assert torch.equal(zero, torch.full_like(zero, 2 ** (bits - 1)))
+    groups = x.view(6, -1, group_size or 64)
+    assert torch.allclose(step[..., 0], 2 * groups.abs().amax(-1) / (2**bits - 1))
+    q = fake_quantize(x, bits, group_size=group_size, symmetric=True)
+    err = (q - x).view_as(groups).abs()
+    # half a step everywhere except where the positive end lies beyond the last level
+    # (2^(b-1) - 1 steps), which is clipped by less than one step
+    inside = groups <= (2 ** (bits - 1) - 1) * step
+    assert (err[inside] <= (step / 2 + 1e-6).expand_as(groups)[inside]).all()
+    assert (err <= step + 1e-6).all()
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group_size", [None, 8])
+def test_folding_and_training_share_one_path_to_the_codes(symmetric, group_size):
+    torch.manual_seed(6)
+    w = torch.randn(5, 32)
+    clip = Clipping(5, 1 if group_size is None else 4)
+    with torch.no_grad():
+        clip.upper.uniform_(0, 4)
+        clip.lower.uniform_(0, 4)
+    grid = weight_grid(w, WeightFormat(3, group_size, symmetric), **clip.quantizer_args())
+    trained = fake_quantize(w, 3, group_size=group_size, symmetric=symmetric,
+                            **clip.quantizer_args())
+    assert torch.equal(grid.dequantize(), trained.detach())
+    assert torch.equal(grid.codes, grid.codes.round())
+
+
+def test_four_bit_symmetric_is_gguf_q4_0():
+    """W = step * (q - 8), q in 0..15: written as Q4_0 blocks (d = step as fp16, 32 codes
+    per block), the gguf package's reference decoder gives back exactly our grid."""
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
+
+    torch.manual_seed(7)
+    grid = weight_grid(torch.randn(4, 64), WeightFormat(4, 32, symmetric=True))
+    assert torch.equal(grid.zero, torch.full_like(grid.zero, 8))
+    step = grid.step.half()  # Q4_0 keeps d in fp16
+    ours = QuantGrid(grid.codes, step.float(), grid.zero, 4, 32).dequantize()
+    c = grid.codes.to(torch.uint8).view(-1, 32).numpy()
+    blocks = np.concatenate([step.view(-1, 1).numpy().view(np.uint8),
+                             c[:, :16] | (c[:, 16:] << 4)], axis=1)
+    decoded = quants.dequantize(blocks.reshape(4, -1), T.Q4_0)
+    assert np.array_equal(decoded, ours.numpy())

@@ -1,7 +1,5 @@
 """sliderquant: post-training quantization of LLMs with sliding-layer windows."""
 
-__version__ = "0.1.0"
-
 from sliderquant.api import (
     QuantizeResult,
     evaluate_perplexity,
@@ -13,6 +11,7 @@ from sliderquant.api import (
 )
 from sliderquant.config import QuantConfig
 from sliderquant.schedule import build_schedule, fixed
+from sliderquant.version import __version__
 
 __all__ = [
     "QuantConfig",

@@ -1,5 +1,8 @@
 """The public Python face: quantize(), evaluate(), save_quantized(), load().
 
+A facade: the quantize pipeline is pipeline.py, the scans sensitivity.py, the ranges
+ranges.py; what remains here are the run-folder functions and the evaluation entry points.
+
     from sliderquant import QuantConfig, quantize
     result = quantize(model, tokenizer, QuantConfig.from_preset("w2a16"), calib="wikitext2:valid")
     result.model   # transformers model with folded, plain weights
@@ -9,30 +12,31 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from sliderquant import __version__, calibration
 from sliderquant.atomic import apply_umask, write_text
+from sliderquant.calibration import calibration_ids, check_source
 from sliderquant.checkpoint import CheckpointError, CheckpointStore
-from sliderquant.config import AUTO_SCHEDULE, ConfigError, QuantConfig
+from sliderquant.config import ConfigError, QuantConfig
 from sliderquant.data import DataError, resolve_data_root
-from sliderquant.engine import Engine, NonFiniteLossError, WindowRecord, make_schedule
+from sliderquant.engine import NonFiniteLossError, WindowRecord
 from sliderquant.eval.divergence import window_divergence
 from sliderquant.eval.perplexity import eval_windows, perplexity_from_nlls, window_nlls
 from sliderquant.eval.zeroshot_data import TASKS as ZEROSHOT_TASKS
 from sliderquant.export.source import ExportError, ExportResult
-from sliderquant.fold import fold_layers, install_activation_quantization
+from sliderquant.fold import install_activation_quantization
+from sliderquant.hardware import default_device as default_device
+from sliderquant.hardware import peak_rss_mb as peak_rss_mb
 from sliderquant.models.adapters import (
     ContextLengthError,
     DecoderAdapter,
@@ -40,21 +44,15 @@ from sliderquant.models.adapters import (
 )
 from sliderquant.models.embedded import EMBEDDED, cache_dir, embedded_gguf
 from sliderquant.models.loading import STORIES, LoadedModel, ModelLoadError, load_model
-from sliderquant.quant.layer import PROJECTIONS, LayerQuantSpec, QuantDecoderLayer
-from sliderquant.ranges import RANGE_PROJECTIONS, activation_ranges, weight_ranges
-from sliderquant.rotation import rotate_model
-from sliderquant.sensitivity import (
-    DEFAULT_THRESHOLD,
-    Progress,
-    resolve_auto_schedule,
-    scan,
-    suggest_depths,
-)
+from sliderquant.pipeline import RUN_FORMAT, QuantizeResult, model_fingerprint
+from sliderquant.pipeline import preflight as preflight
+from sliderquant.pipeline import quantize as run_pipeline
+from sliderquant.ranges import compare as compare_ranges
+from sliderquant.sensitivity import DEFAULT_THRESHOLD, Progress, analyse
 
 RUN_FILE = "sliderquant.json"
 GRID_FILE = "quantization.safetensors"  # per-projection step and zero of the weight grid
 CHECKPOINT_DIR = "checkpoint"
-RUN_FORMAT = 1
 
 
 class RunFolderError(RuntimeError):
@@ -71,54 +69,6 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, RunFolderError, ModelLoa
                MissingExtraError)
 EXPORT_FORMATS = ("compressed", "gguf")
 EXPORT_ALIASES = {"packed": "compressed"}  # the name before 0.2
-
-
-@dataclass
-class QuantizeResult:
-    model: torch.nn.Module
-    report: dict = field(default_factory=dict)
-    grids: dict[str, torch.Tensor] = field(default_factory=dict)  # see fold.fold_layers
-
-
-def default_device() -> torch.device:
-    """Where work runs unless the caller says: cuda when torch sees a GPU, else cpu."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux/macOS)."""
-    import resource
-
-    # Linux's ru_maxrss survives fork + exec (a child reports its parent's peak); the
-    # high-water mark of this process's own address space does not.
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024 if sys.platform != "darwin" else peak / 2**20
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """Content hash of a model's shape and a few weight sums (path-independent)."""
-    adapter = DecoderAdapter(model)
-    h = hashlib.sha256()
-    c = model.config
-    h.update(f"{c.model_type}/{adapter.num_layers}/{c.hidden_size}/{c.vocab_size}".encode())
-    tensors = [adapter.embed.weight] + [adapter.parts(i).linears["q"].weight
-                                        for i in range(adapter.num_layers)]
-    for t in tensors:
-        h.update(f"{t.double().sum().item():.10e}/{t.double().abs().sum().item():.10e}".encode())
-    return h.hexdigest()[:16]
-
-
-def calibration_ids(
-    tokenizer, config: QuantConfig, data_root: Path | None = None
-) -> torch.Tensor:
-    """The calibration windows a config asks for, [nsamples, seqlen] token ids."""
-    return calibration.calibration_ids(tokenizer, config.calib, config.nsamples, config.seqlen,
-                                       config.seed, data_root, config.chat_template)
 
 
 def quantize(
@@ -145,99 +95,11 @@ def quantize(
     and the folded model is saved there when done (see `save_quantized`). A folder that
     holds a finished run is refused unless `overwrite=True`.
     """
-    timings: dict[str, float] = {}
-    began = time.perf_counter()
-    if isinstance(calib, str):
-        config = QuantConfig.from_dict({**config.to_dict(), "calib": calib})
-    adapter = preflight(model, config)
-    device = torch.device(device or default_device())
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)  # the report's peak is quantization's own
-    data_root = resolve_data_root(data_dir)
-    store = _prepare_output(Path(output_dir), resume, overwrite) if output_dir else None
-
-    t = time.perf_counter()
-    if isinstance(calib, torch.Tensor):
-        ids = calib.long()
-        if ids.dim() != 2 or ids.shape[1] != config.seqlen:
-            raise ConfigError(f"calibration ids must be [n, {config.seqlen}] (got "
-                              f"{list(ids.shape)})")
-        config = QuantConfig.from_dict({**config.to_dict(), "calib": "tensor",
-                                        "nsamples": ids.shape[0]})
-    elif config.trains:
-        ids = calibration_ids(tokenizer, config, data_root)
-    else:  # round-to-nearest needs no data
-        ids = torch.empty(0, config.seqlen, dtype=torch.long)
-    timings["calibration_data_s"] = time.perf_counter() - t
-    fingerprint = hashlib.sha256(
-        (config.fingerprint() + model_fingerprint(model)).encode()
-        + ids.numpy().tobytes()).hexdigest()[:16]
-
-    rotation = None
-    if config.rotate:
-        t = time.perf_counter()
-        rotation = rotate_model(adapter, config.seed, config.center_embeddings)
-        timings["rotation_s"] = time.perf_counter() - t
-
-    auto = None
-    if config.schedule == AUTO_SCHEDULE:
-        t = time.perf_counter()
-        config, auto = resolve_auto_schedule(model, config, ids)
-        timings["auto_schedule_s"] = time.perf_counter() - t
-
-    spec = LayerQuantSpec(
-        wbits=config.wbits, abits=config.abits, group_size=config.group_size,
-        lora_rank=config.lora_rank if config.trains else 0,
-        lwc=config.lwc and config.trains, channel_scaling=config.channel_scaling,
-        qk_scaling=config.qk_scaling, down_scaling=config.down_scaling,
-        quantize_attention=config.quantize_attention,
-    )
-    generator = torch.Generator().manual_seed(config.seed)
-    layers = [QuantDecoderLayer(adapter.parts(i), spec, generator)
-              for i in range(adapter.num_layers)]
-    for p in model.parameters():
-        p.requires_grad_(False)
-
-    records: list[WindowRecord] = []
-    if config.trains:
-        t = time.perf_counter()
-        x0 = _embed(adapter, ids, config.inference_batch_size)
-        rope = adapter.rotary(x0[:1].to(device), config.seqlen)
-        timings["capture_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        engine = Engine(layers, rope, config, device, store, fingerprint, on_unit_end,
-                        show_progress)
-        records = engine.run(x0, resume=resume)
-        timings["train_s"] = time.perf_counter() - t
-        del x0
-
-    t = time.perf_counter()
-    grids = fold_layers(adapter, layers)
-    install_activation_quantization(adapter, config.abits, config.quantize_attention)
-    timings["fold_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - began
-    schedule = make_schedule(config, adapter.num_layers) if config.trains else []
-    report = {
-        "format": RUN_FORMAT,
-        "sliderquant_version": __version__,
-        "config": config.to_dict(),
-        "effective_learning_rates": config.learning_rates,
-        "schedule": schedule,
-        "rotation": rotation,
-        "auto_schedule": auto,
-        "calibration": {"source": config.calib, "nsamples": int(ids.shape[0]),
-                        "seqlen": int(ids.shape[1]), "seed": config.seed,
-                        "tokens": int(ids.numel()), "chat_template": config.chat_template}
-        if ids.numel() else None,
-        "windows": [asdict(r) for r in records],
-        "timings": timings,
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "device": str(device),
-        "torch_threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        report["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    result = QuantizeResult(model=model, report=report, grids=grids)
+    result = run_pipeline(
+        model, tokenizer, config, calib, data_dir=data_dir, device=device, resume=resume,
+        open_store=(lambda: _prepare_output(Path(output_dir), resume, overwrite))
+        if output_dir else None,
+        show_progress=show_progress, on_unit_end=on_unit_end)
     if output_dir:
         save_quantized(result, tokenizer, output_dir)
     return result
@@ -490,8 +352,10 @@ def check_tasks(tasks: tuple[str, ...]) -> None:
 
 
 def _lm_eval():
+    """The lm-eval bridge module (imported by name: a package attribute left by an earlier
+    import would hide a module that can no longer be imported)."""
     try:
-        from sliderquant.eval import zeroshot
+        zeroshot = importlib.import_module("sliderquant.eval.zeroshot")
     except (ImportError, AttributeError) as e:  # absent, or a version that breaks on import
         raise MissingExtraError(
             f"lm-eval tasks need the lm-eval version pinned in the `eval` extra (import "
@@ -512,46 +376,10 @@ def sensitivity(
     k: float = DEFAULT_THRESHOLD,
     progress: Progress | None = None,
 ) -> dict:
-    """Layer sensitivity scans (see sensitivity.py), one per config (method), on the first
-    `max_windows` `seqlen`-token windows of `dataset`, plus the shallow/deep suggestion from
-    the first config's per-layer scan, on the model's device. The model ends with its FP
-    weights.
-
-    `progress(what, done, total)` is called after the FP evaluation and every measurement.
-    """
-    data_root = resolve_data_root(data_dir)
-    adapter = DecoderAdapter(model)
-    adapter.check_context(seqlen)
-    for config in configs:
-        _check_group_size(adapter, config)
-    began = time.perf_counter()
-    windows = eval_windows(dataset, tokenizer, seqlen, max_windows, data_root)
-    per_scan = adapter.num_layers * (2 if prefix else 1)
-    total = 1 + per_scan * len(configs)
-    fp = perplexity_from_nlls(window_nlls(model, windows, show_progress=False))
-    if progress:
-        progress("FP", 1, total)
-    scans = {}
-    for n, config in enumerate(configs):
-        calib = calibration_ids(tokenizer, config, data_root) if config.trains else None
-        offset = 1 + n * per_scan
-        scans[config.method] = asdict(scan(
-            model, windows, config, calib, prefix,
-            progress and (lambda what, done, _, o=offset: progress(what, o + done, total))))
-    first = configs[0]
-    choice = suggest_depths(scans[first.method]["per_layer"], fp, k)
-    return {
-        "sliderquant_version": __version__,
-        "wbits": first.wbits, "abits": first.abits, "group_size": first.group_size,
-        "quantize_attention": first.quantize_attention,
-        "dataset": dataset, "seqlen": seqlen, "windows": int(windows.shape[0]),
-        "num_layers": adapter.num_layers, "fp_ppl": fp,
-        "configs": {c.method: c.to_dict() for c in configs},
-        "scans": scans,
-        "suggestion": {"method": first.method, "k": k, **asdict(choice)},
-        "seconds": round(time.perf_counter() - began, 1),
-        "torch_threads": torch.get_num_threads(),
-    }
+    """Layer sensitivity scans of `model`, one per config, and the shallow/deep suggestion
+    (see `sensitivity.analyse`)."""
+    return analyse(model, tokenizer, configs, dataset, seqlen, max_windows, data_dir, prefix,
+                   k, progress)
 
 
 def ranges(
@@ -581,22 +409,14 @@ def ranges(
         "batch_size": 1,
         "chat_template": config.chat_template if chat_template is None else chat_template})
     data_root = resolve_data_root(data_dir)
-    calibration.check_source(config.calib, data_root, config.chat_template)
+    check_source(config.calib, data_root, config.chat_template)
     quantized = load_quantized(run_dir)
     source = source_model(run, data_dir)
     if device is not None:
         quantized.model.to(device)
         source.model.to(device)
     ids = calibration_ids(source.tokenizer, config, data_root)
-    L = DecoderAdapter(source.model).num_layers
-    layers = sorted({0, L // 2, L - 1})
-    acts = {name: activation_ranges(m.model, layers, ids)
-            for name, m in (("before", source), ("after", quantized))}
-    return {i: {p: {"weight": (weight_ranges(source.model, i, p),
-                               weight_ranges(quantized.model, i, p)),
-                    "activation": (acts["before"][i, p], acts["after"][i, p])}
-                for p in RANGE_PROJECTIONS}
-            for i in layers}
+    return compare_ranges(source.model, quantized.model, ids)
 
 
 def fp_reference(
@@ -637,44 +457,6 @@ def fp_reference(
     if perplexity_sets or fresh:
         write_text(path, json.dumps(cached, indent=1))
     return results
-
-
-def _embed(adapter: DecoderAdapter, ids: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Embedding output for every calibration window (computed where the embedding lives),
-    float32 on the host."""
-    home = adapter.embed.weight.device
-    with torch.no_grad():
-        parts = [adapter.embed(ids[i:i + chunk].to(home)).float().cpu()
-                 for i in range(0, ids.shape[0], chunk)]
-    return torch.cat(parts)
-
-
-def preflight(model: torch.nn.Module, config: QuantConfig) -> DecoderAdapter:
-    """Check that `config` fits `model` before any expensive work; return its adapter."""
-    config.validate()
-    adapter = DecoderAdapter(model)
-    if config.trains:  # round-to-nearest reads no calibration windows
-        adapter.check_context(config.seqlen)
-    _check_group_size(adapter, config)
-    return adapter
-
-
-def _check_group_size(adapter: DecoderAdapter, config: QuantConfig) -> None:
-    if config.group_size is None:
-        return
-    widths = sorted({adapter.parts(0).linears[n].in_features for n in PROJECTIONS})
-    bad = [w for w in widths if w % config.group_size]
-    if bad:
-        raise ConfigError(f"group_size {config.group_size} does not divide the input width(s) "
-                          f"{bad} of this model (widths: {widths}); pick a divisor such as "
-                          f"{_largest_common_pow2(widths)}")
-
-
-def _largest_common_pow2(widths: list[int]) -> int:
-    g = 1
-    while all(w % (g * 2) == 0 for w in widths) and g < 256:
-        g *= 2
-    return g
 
 
 def _prepare_output(out: Path, resume: bool, overwrite: bool) -> CheckpointStore:

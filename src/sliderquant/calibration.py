@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from sliderquant.config import QuantConfig
 from sliderquant.data import (
     DataError,
     c4_documents,
@@ -110,8 +111,16 @@ def check_source(spec: str, data_root: Path | None, chat_template: bool) -> Sour
     return source
 
 
-def calibration_ids(tokenizer, spec: str, nsamples: int, seqlen: int, seed: int,
-                    data_root: Path | None = None, chat_template: bool = False) -> torch.Tensor:
+def calibration_ids(tokenizer, config: QuantConfig, data_root: Path | None = None
+                    ) -> torch.Tensor:
+    """The calibration rows a config asks for (`calib`, `nsamples`, `seqlen`, `seed`,
+    `chat_template`), [nsamples, seqlen] token ids."""
+    return source_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
+                      data_root, config.chat_template)
+
+
+def source_ids(tokenizer, spec: str, nsamples: int, seqlen: int, seed: int,
+               data_root: Path | None = None, chat_template: bool = False) -> torch.Tensor:
     """`nsamples` calibration rows of `seqlen` token ids from `spec` (see the module doc)."""
     source = check_source(spec, data_root, chat_template)
     column, records = _records(source, data_root, CHARS_PER_TOKEN * nsamples * seqlen)

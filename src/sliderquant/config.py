@@ -21,8 +21,7 @@ from typing import Any
 
 import yaml
 
-from sliderquant.quant.quantizer import SUPPORTED_BITS
-
+SUPPORTED_BITS = (2, 3, 4, 8, 16)
 METHODS = ("sliderquant", "fixed", "blockwise", "rtn")
 INTRA_MODES = ("global_passes", "per_window")
 AUTO_SCHEDULE = "auto"  # shallow/deep chosen by a sensitivity scan before training
@@ -44,7 +43,7 @@ class QuantConfig:
     wbits: int = 4
     abits: int = 16
     group_size: int | None = None
-    symmetric: bool = False  # weight grid: zero point fixed at the middle of the range
+    symmetric: bool = False  # weight grid with the fixed zero point 2^(wbits-1) (GGUF Q4_0's)
     scheme: str | None = None  # the named scheme the four fields above came from (SCHEMES)
     # learnables
     lora_rank: int = 4

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from sliderquant.checkpoint import CheckpointError, CheckpointStore
 from sliderquant.config import QuantConfig
 from sliderquant.quant.layer import QuantDecoderLayer
+from sliderquant.quant.learnables import optimiser_groups
 from sliderquant.schedule import Window, build_schedule, check_coverage, fixed, parse_schedule
 
 MAX_RETRIES = 2  # a window whose loss turns non-finite is retried this often at half the LR
@@ -52,9 +53,11 @@ class WindowRecord:
     epoch_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     retries: int = 0
-    # the window's loss before its first step (learnables at their start, e.g. RTN grids):
-    # one no-grad pass over all calibration windows, comparable with the epoch means
+    # the window's loss before its first step (learnables at their start, e.g. RTN grids)
+    # and after its last one: each a no-grad pass over all calibration windows at the
+    # window's last quantized fraction, so the two are measured the same way
     initial_loss: float | None = None
+    final_loss: float | None = None
 
 
 def make_schedule(config: QuantConfig, num_layers: int) -> list[Window]:
@@ -160,7 +163,7 @@ class Engine:
         """`layers` on the compute device inside the block. After it their learnables go back
         to the model's device and their frozen weights are again the model's own tensors, so
         no second copy of a weight outlives the block."""
-        homes = [layer.input_norm.device for layer in layers]
+        homes = [layer.device for layer in layers]
         if all(home == self.device for home in homes):
             yield
             return
@@ -209,12 +212,14 @@ class Engine:
             began = time.perf_counter()
             try:
                 with self._placed(layers):
-                    record.initial_loss = self._loss(layers, xq, target, unit.train_rates[0])
+                    final_rate = unit.train_rates[-1]
+                    record.initial_loss = self._loss(layers, xq, target, final_rate)
                     for k, rate in enumerate(unit.train_rates):
                         generator = torch.Generator().manual_seed(
                             self.config.seed * 1_000_003 + index * 17 + k)
                         record.epoch_losses += self._optimise(layers, xq, target, rate,
                                                               generator, lr_factor, bar)
+                    record.final_loss = self._loss(layers, xq, target, final_rate)
                 record.seconds = time.perf_counter() - began
                 return record
             except NonFiniteLossError:
@@ -251,13 +256,9 @@ class Engine:
 
     def _optimise(self, layers, xq, target, rate, generator, lr_factor, bar) -> list[float]:
         cfg = self.config
-        groups = {name: [] for name in ("lora", "scale", "clip")}
-        for layer in layers:
-            for name, params in layer.learnable_groups().items():
-                groups[name] += params
         lrs = cfg.learning_rates
         param_groups = [{"params": p, "lr": lrs[name] * lr_factor}
-                        for name, p in groups.items() if p and lrs[name] > 0]
+                        for name, p in optimiser_groups(layers).items() if p and lrs[name] > 0]
         n = xq.shape[0]
         epochs = cfg.epochs_per_stage
         total = epochs * math.ceil(n / cfg.batch_size)

@@ -1,8 +1,10 @@
 """Fold trained learnables into plain weights (ALGORITHM.md §10.3): zero extra inference cost.
 
-Per layer: channel scales into the norms and neighbouring weights, LoRA merged, each weight
-replaced by its fake-quantized (dequantized) value. For activation quantization (abits < 16)
-the dynamic per-token quantizers are installed into the transformers model itself.
+Per layer: channel scales into the norms and neighbouring weights, weight learnables merged,
+each weight replaced by its fake-quantized (dequantized) value, written in place into the
+model's own tensors (a fused expert parameter is written slice by slice). For activation
+quantization (abits < 16) the dynamic per-token quantizers are installed into the
+transformers model itself.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from sliderquant.models.adapters import DecoderAdapter
-from sliderquant.quant.layer import PROJECTIONS, QuantDecoderLayer
+from sliderquant.quant.layer import QuantDecoderLayer
 from sliderquant.quant.runtime import ActQuantLinear, register_attention
 
 
@@ -31,14 +33,10 @@ def fold_layers(
         for name, grid in layer_grids.items():
             path = adapter.linear_path(i, name)
             grids[f"{path}.step"], grids[f"{path}.zero"] = grid.step, grid.zero
-        parts = adapter.parts(i)
-        parts.input_norm.weight.copy_(folded["input_norm"])
-        parts.post_norm.weight.copy_(folded["post_norm"])
-        for name in PROJECTIONS:
-            lin = parts.linears[name]
-            lin.weight.copy_(folded[f"{name}.weight"])
-            if lin.bias is not None:
-                lin.bias.copy_(folded[f"{name}.bias"])
+        for block, parts in adapter.parts(i).blocks().items():
+            for key, target in parts.tensors().items():
+                if target is not None:
+                    target.copy_(folded[block][key])
     return grids
 
 
@@ -49,8 +47,8 @@ def install_activation_quantization(
     if abits >= 16:
         return
     for i in range(adapter.num_layers):
-        for name, lin in adapter.parts(i).linears.items():
+        for name, lin in adapter.linears(i).items():
             if not isinstance(lin, ActQuantLinear):
                 adapter.set_linear(i, name, ActQuantLinear(lin, abits))
-        adapter.layers[i].self_attn.sliderquant_abits = abits if quantize_attention else 16
+        adapter.attention_module(i).sliderquant_abits = abits if quantize_attention else 16
     adapter.model.set_attn_implementation(register_attention())

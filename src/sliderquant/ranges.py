@@ -16,7 +16,7 @@ RANGE_PROJECTIONS = ("q", "down")  # the attention input and the MLP's intermedi
 @torch.no_grad()
 def weight_ranges(model: torch.nn.Module, layer: int, name: str) -> list[float]:
     """Per-output-channel range (max - min) of projection `name` of `layer`."""
-    w = DecoderAdapter(model).parts(layer).linears[name].weight.float()
+    w = DecoderAdapter(model).linears(layer)[name].weight.float()
     return (w.amax(dim=1) - w.amin(dim=1)).tolist()
 
 
@@ -32,7 +32,7 @@ def activation_ranges(model: torch.nn.Module, layers: list[int], ids: torch.Tens
         for name in names:
             def record(_module, inputs, key=(i, name)):
                 found[key] += inputs[0].detach().float().abs().amax(dim=-1).flatten().tolist()
-            hooks.append(adapter.parts(i).linears[name].register_forward_pre_hook(record))
+            hooks.append(adapter.linears(i)[name].register_forward_pre_hook(record))
     try:
         device = next(model.parameters()).device
         for row in ids:
@@ -41,3 +41,18 @@ def activation_ranges(model: torch.nn.Module, layers: list[int], ids: torch.Tens
         for hook in hooks:
             hook.remove()
     return found
+
+
+def compare(before: torch.nn.Module, after: torch.nn.Module, ids: torch.Tensor
+            ) -> dict[int, dict[str, dict[str, tuple[list[float], list[float]]]]]:
+    """Weight and activation ranges of the first, a middle and the last layer in `before`
+    (the FP model) and `after` (its quantized model), activations over the windows `ids`:
+    {layer: {projection: {"weight": (before, after), "activation": (before, after)}}}."""
+    L = DecoderAdapter(before).num_layers
+    layers = sorted({0, L // 2, L - 1})
+    acts = {name: activation_ranges(m, layers, ids)
+            for name, m in (("before", before), ("after", after))}
+    return {i: {p: {"weight": (weight_ranges(before, i, p), weight_ranges(after, i, p)),
+                    "activation": (acts["before"][i, p], acts["after"][i, p])}
+                for p in RANGE_PROJECTIONS}
+            for i in layers}

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from sliderquant.models.adapters import DecoderAdapter
+from sliderquant.quant.linear import Projection
 
 
 def hadamard_matrix(n: int) -> torch.Tensor | None:
@@ -49,7 +50,12 @@ def random_orthogonal(n: int, generator: torch.Generator) -> tuple[torch.Tensor,
 @torch.no_grad()
 def rotate_model(adapter: DecoderAdapter, seed: int, center_embeddings: bool = True) -> str:
     """Fuse norms and rotate the residual stream of `adapter.model` in place; returns the
-    kind of matrix used ("random_hadamard" or "random_orthogonal")."""
+    kind of matrix used ("random_hadamard" or "random_orthogonal").
+
+    Every block's pre-norm is fused into the projections that read the residual stream
+    (`READS` of its parts); those take Q on their inputs, the ones that write it back
+    (`WRITES`) take Qᵀ on their outputs.
+    """
     model = adapter.model
     if adapter.lm_head.weight is adapter.embed.weight or getattr(
             model.config, "tie_word_embeddings", False):
@@ -57,11 +63,11 @@ def rotate_model(adapter: DecoderAdapter, seed: int, center_embeddings: bool = T
         model.config.tie_word_embeddings = False
         if hasattr(model.config, "get_text_config"):
             model.config.get_text_config().tie_word_embeddings = False
-    for i in range(adapter.num_layers):
-        parts = adapter.parts(i)
-        _fuse_norm(parts.input_norm, [parts.linears[n] for n in ("q", "k", "v")])
-        _fuse_norm(parts.post_norm, [parts.linears[n] for n in ("up", "gate")])
-    _fuse_norm(adapter.final_norm, [adapter.lm_head])
+    layers = [adapter.parts(i) for i in range(adapter.num_layers)]
+    for parts in layers:
+        for block in parts.blocks().values():
+            _fuse_norm(block.norm, [block.proj[n].weight for n in block.READS])
+    _fuse_norm(adapter.final_norm.weight, [adapter.lm_head.weight])
 
     generator = torch.Generator().manual_seed(seed)
     q, kind = random_orthogonal(adapter.hidden_size, generator)
@@ -70,31 +76,31 @@ def rotate_model(adapter: DecoderAdapter, seed: int, center_embeddings: bool = T
     if center_embeddings:
         e = e - e.mean(dim=-1, keepdim=True)
     embed.copy_((e @ q).to(embed.dtype))
-    _rotate_inputs(adapter.lm_head, q)
-    for i in range(adapter.num_layers):
-        lin = adapter.parts(i).linears
-        for name in ("q", "k", "v", "up", "gate"):
-            _rotate_inputs(lin[name], q)
-        for name in ("o", "down"):
-            _rotate_outputs(lin[name], q)
+    _rotate_inputs(adapter.lm_head.weight, q)
+    for parts in layers:
+        for block in parts.blocks().values():
+            for name in block.READS:
+                _rotate_inputs(block.proj[name].weight, q)
+            for name in block.WRITES:
+                _rotate_outputs(block.proj[name], q)
     return kind
 
 
-def _fuse_norm(norm: nn.Module, linears: list[nn.Linear]) -> None:
-    gain = norm.weight.double()
-    for lin in linears:
-        lin.weight.copy_((lin.weight.double() * gain).to(lin.weight.dtype))
-    norm.weight.fill_(1.0)
+def _fuse_norm(gain: torch.Tensor, weights: list[torch.Tensor]) -> None:
+    g = gain.double()
+    for w in weights:
+        w.copy_((w.double() * g).to(w.dtype))
+    gain.fill_(1.0)
 
 
-def _rotate_inputs(lin: nn.Linear, q: torch.Tensor) -> None:
-    lin.weight.copy_((lin.weight.double() @ q).to(lin.weight.dtype))
+def _rotate_inputs(weight: torch.Tensor, q: torch.Tensor) -> None:
+    weight.copy_((weight.double() @ q).to(weight.dtype))
 
 
-def _rotate_outputs(lin: nn.Linear, q: torch.Tensor) -> None:
-    lin.weight.copy_((q.T @ lin.weight.double()).to(lin.weight.dtype))
-    if lin.bias is not None:
-        lin.bias.copy_((lin.bias.double() @ q).to(lin.bias.dtype))
+def _rotate_outputs(proj: Projection, q: torch.Tensor) -> None:
+    proj.weight.copy_((q.T @ proj.weight.double()).to(proj.weight.dtype))
+    if proj.bias is not None:
+        proj.bias.copy_((proj.bias.double() @ q).to(proj.bias.dtype))
 
 
 def _paley(m: int) -> torch.Tensor | None:

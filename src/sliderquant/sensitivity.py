@@ -17,21 +17,23 @@ costs O(L²) layer trainings.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
+from sliderquant.calibration import calibration_ids
 from sliderquant.config import QuantConfig
-from sliderquant.engine import Engine
-from sliderquant.eval.perplexity import perplexity_from_nlls, window_nlls
-from sliderquant.fold import fold_layers
+from sliderquant.data import resolve_data_root
+from sliderquant.eval.perplexity import eval_windows, perplexity_from_nlls, window_nlls
 from sliderquant.models.adapters import DecoderAdapter
-from sliderquant.quant.layer import LayerQuantSpec, QuantDecoderLayer
 from sliderquant.quant.quantizer import fake_quantize
 from sliderquant.quant.runtime import ActQuantLinear, register_attention
+from sliderquant.span import quantize_span
+from sliderquant.version import __version__
 
 DEFAULT_THRESHOLD = 2.0  # k in suggest_depths: "sensitive" = k x the median middle-layer cost
 
@@ -88,9 +90,10 @@ class LayerQuantizer:
         params = [(p, p.detach().clone()) for i in span
                   for p in self.adapter.layers[i].parameters()]
         linears = [(i, name, lin) for i in span
-                   for name, lin in self.adapter.parts(i).linears.items()]
+                   for name, lin in self.adapter.linears(i).items()]
         if self.config.trains:
-            self._train(first, last)
+            quantize_span(self.adapter, self.config, self.calib, self.device, first, last,
+                          show_progress=False)
         for i in range(first, last + 1):
             if not self.config.trains:
                 self._round(i)
@@ -104,8 +107,9 @@ class LayerQuantizer:
             for i, name, lin in linears:
                 self.adapter.set_linear(i, name, lin)
             for i in span:
-                if hasattr(self.adapter.layers[i].self_attn, "sliderquant_abits"):
-                    del self.adapter.layers[i].self_attn.sliderquant_abits
+                attention = self.adapter.attention_module(i)
+                if hasattr(attention, "sliderquant_abits"):
+                    del attention.sliderquant_abits
 
         return restore
 
@@ -115,47 +119,26 @@ class LayerQuantizer:
 
     # ---- internals ------------------------------------------------------------------------
     def _signature(self, i: int) -> tuple:
-        layer = self.adapter.layers[i]
-        linears = self.adapter.parts(i).linears.values()
+        linears = self.adapter.linears(i).values()
         return (tuple(getattr(lin, "abits", 16) for lin in linears),
-                getattr(layer.self_attn, "sliderquant_abits", 16),
+                getattr(self.adapter.attention_module(i), "sliderquant_abits", 16),
                 tuple(lin.weight.double().sum().item() for lin in linears),
                 tuple(lin.weight.double().abs().sum().item() for lin in linears))
 
     @torch.no_grad()
     def _round(self, i: int) -> None:
-        for lin in self.adapter.parts(i).linears.values():
-            lin.weight.copy_(fake_quantize(lin.weight, self.config.wbits,
-                                           group_size=self.config.group_size))
+        cfg = self.config
+        for block in self.adapter.parts(i).blocks().values():
+            for proj in block.proj.values():
+                proj.weight.copy_(fake_quantize(proj.weight, cfg.wbits, group_size=cfg.group_size,
+                                                symmetric=cfg.symmetric))
 
     def _quantize_activations(self, i: int) -> None:
         """One layer's deploy-time per-token quantizers (as install_activation_quantization)."""
-        for name, lin in self.adapter.parts(i).linears.items():
+        for name, lin in self.adapter.linears(i).items():
             self.adapter.set_linear(i, name, ActQuantLinear(lin, self.config.abits))
         if self.config.quantize_attention:
-            self.adapter.layers[i].self_attn.sliderquant_abits = self.config.abits
-
-    def _train(self, first: int, last: int) -> None:
-        """Run the configured method over layers first..last only (the rest stay FP)."""
-        cfg = self.config
-        spec = LayerQuantSpec(wbits=cfg.wbits, abits=cfg.abits, group_size=cfg.group_size,
-                              lora_rank=cfg.lora_rank, lwc=cfg.lwc,
-                              channel_scaling=cfg.channel_scaling, qk_scaling=cfg.qk_scaling,
-                              down_scaling=cfg.down_scaling,
-                              quantize_attention=cfg.quantize_attention)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        a = self.adapter
-        with torch.no_grad():
-            x = torch.cat([a.embed(self.calib[j:j + 1].to(self.device)).float().cpu()
-                           for j in range(len(self.calib))])
-            cos, sin = a.rotary(x[:1].to(self.device), x.shape[1])
-            for i in range(first):
-                view = QuantDecoderLayer(a.parts(i), spec, generator)
-                x = torch.cat([view(x[j:j + 1].to(self.device), cos, sin).cpu()
-                               for j in range(len(x))])
-        layers = [QuantDecoderLayer(a.parts(i), spec, generator) for i in range(first, last + 1)]
-        Engine(layers, (cos, sin), cfg, self.device, show_progress=False).run(x)
-        fold_layers(a, layers, first)
+            self.adapter.attention_module(i).sliderquant_abits = self.config.abits
 
 
 def perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:
@@ -259,3 +242,56 @@ def resolve_auto_schedule(model: torch.nn.Module, config: QuantConfig,
               "seqlen": int(windows.shape[1]), "method": "rtn",
               "seconds": round(time.perf_counter() - began, 1)}
     return resolved, record
+
+
+def analyse(
+    model: torch.nn.Module,
+    tokenizer,
+    configs: list[QuantConfig],
+    dataset: str = "wikitext2",
+    seqlen: int = 512,
+    max_windows: int | None = 4,
+    data_dir: str | os.PathLike | None = None,
+    prefix: bool = True,
+    k: float = DEFAULT_THRESHOLD,
+    progress: Progress | None = None,
+) -> dict:
+    """Layer sensitivity scans, one per config (method), on the first `max_windows`
+    `seqlen`-token windows of `dataset`, plus the shallow/deep suggestion from the first
+    config's per-layer scan, on the model's device. The model ends with its FP weights.
+
+    `progress(what, done, total)` is called after the FP evaluation and every measurement.
+    """
+    data_root = resolve_data_root(data_dir)
+    adapter = DecoderAdapter(model)
+    adapter.check_context(seqlen)
+    for config in configs:
+        adapter.check_group_size(config.group_size)
+    began = time.perf_counter()
+    windows = eval_windows(dataset, tokenizer, seqlen, max_windows, data_root)
+    per_scan = adapter.num_layers * (2 if prefix else 1)
+    total = 1 + per_scan * len(configs)
+    fp = perplexity(model, windows)
+    if progress:
+        progress("FP", 1, total)
+    scans = {}
+    for n, config in enumerate(configs):
+        calib = calibration_ids(tokenizer, config, data_root) if config.trains else None
+        offset = 1 + n * per_scan
+        scans[config.method] = asdict(scan(
+            model, windows, config, calib, prefix,
+            progress and (lambda what, done, _, o=offset: progress(what, o + done, total))))
+    first = configs[0]
+    choice = suggest_depths(scans[first.method]["per_layer"], fp, k)
+    return {
+        "sliderquant_version": __version__,
+        "wbits": first.wbits, "abits": first.abits, "group_size": first.group_size,
+        "quantize_attention": first.quantize_attention,
+        "dataset": dataset, "seqlen": seqlen, "windows": int(windows.shape[0]),
+        "num_layers": adapter.num_layers, "fp_ppl": fp,
+        "configs": {c.method: c.to_dict() for c in configs},
+        "scans": scans,
+        "suggestion": {"method": first.method, "k": k, **asdict(choice)},
+        "seconds": round(time.perf_counter() - began, 1),
+        "torch_threads": torch.get_num_threads(),
+    }

@@ -60,19 +60,27 @@ def print_summary(results: dict, fp: dict | None, size_bytes: int, peak_rss_mb: 
         f", {peak_gpu_mb:.0f} MiB GPU" if peak_gpu_mb else "")
     print(f"quantize time {quantize['wall_s']:.0f} s ({quantize['cpu_s']:.0f} CPU s); size on "
           f"disk {size_bytes / 2**20:.1f} MiB; {memory}")
-    trained = [w for w in windows if w.get("epoch_losses") and w.get("initial_loss")]
+    trained = [w for w in windows if w.get("initial_loss") and after_loss(w)]
     if trained:
-        ratios = sorted(w["epoch_losses"][-1] / w["initial_loss"] for w in trained)
+        ratios = sorted(after_loss(w) / w["initial_loss"] for w in trained)
         last = trained[-1]
         print(f"training: window loss before -> after: median {_pct(ratios[len(ratios) // 2])}, "
               f"best {_pct(ratios[0])}, worst {_pct(ratios[-1])} over {len(trained)} windows; "
-              f"last window {last['initial_loss']:.4g} -> {last['epoch_losses'][-1]:.4g} "
+              f"last window {last['initial_loss']:.4g} -> {after_loss(last):.4g} "
               "(every window in sliderquant.json; sliderquant report draws them)")
     print(f"{'where the time went':<24}{'wall s':>10}{'CPU s':>12}")
     for name, t in phases.items():
         print(f"  {name:<22}{t['wall_s']:>10.1f}{_number(t.get('cpu_s'), 1):>12}")
         for part, seconds in t.get("parts", {}).items():
             print(f"    {part:<20}{seconds:>10.1f}")
+
+
+def after_loss(window: dict) -> float | None:
+    """A window record's loss after training: `final_loss` (a no-grad pass measured like
+    `initial_loss`), else, in records written before it existed, the last epoch's mean."""
+    if window.get("final_loss") is not None:
+        return window["final_loss"]
+    return window["epoch_losses"][-1] if window.get("epoch_losses") else None
 
 
 def _number(value, digits: int | None = None) -> str:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from sliderquant.cli import options
+from sliderquant.cli.printing import after_loss
 
 NAME = "report"
 HELP = "draw a run's per-window training losses and its window schedule"
@@ -50,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
     worst = max(finals, key=lambda f: f[2])
     print(f"{len(record['schedule'])} windows over {num_layers} layers; highest final loss "
           f"{worst[2]:.4g} in window {worst[0]} (layers {worst[1][0]}-{worst[1][-1]})")
-    starts = [(w["initial_loss"], w["epoch_losses"][-1]) for w in windows
-              if w.get("initial_loss") and w["epoch_losses"]]
+    starts = [(w["initial_loss"], after_loss(w)) for w in windows
+              if w.get("initial_loss") and after_loss(w)]
     if starts:
         before, after = sum(b for b, _ in starts), sum(a for _, a in starts)
         print(f"summed over windows, loss before training {before:.4g} -> after {after:.4g} "

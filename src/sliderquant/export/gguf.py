@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
-from sliderquant import __version__
 from sliderquant.atomic import atomic_path
 from sliderquant.config import QuantConfig
 from sliderquant.export.gguf_blocks import ENCODERS
@@ -36,6 +35,7 @@ from sliderquant.export.source import (
     is_quantized,
 )
 from sliderquant.models.adapters import DecoderAdapter
+from sliderquant.version import __version__
 
 NATURAL = {2: T.Q2_K, 3: T.Q3_K, 4: T.Q4_1, 8: T.Q8_0}
 FILE_TYPES = {T.Q2_K: gguf.LlamaFileType.MOSTLY_Q2_K, T.Q3_K: gguf.LlamaFileType.MOSTLY_Q3_K_M,
@@ -79,7 +79,7 @@ def write_gguf(
             f"W{config.wbits}A16. Pass --drop-activation-quantization to export its weights "
             "anyway")
     adapter = DecoderAdapter(model)
-    arch = ARCHITECTURES.get(adapter.family.name)
+    arch = ARCHITECTURES.get(adapter.family.gguf_architecture)
     if arch is None:
         raise ExportError(f"GGUF export supports {', '.join(ARCHITECTURES)} models, not "
                           f"{adapter.family.name}")

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sliderquant import __version__
 from sliderquant.export.source import ExportError
+from sliderquant.version import __version__
 
 EXPORT_RECORD = "sliderquant_export.json"
 GGUF_OWNER_KEY = "general.quantized_by"

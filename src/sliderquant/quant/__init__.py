@@ -1,1 +1,2 @@
-"""Quantization primitives: quantizer, QuantLinear, channel scaling, decoder layer."""
+"""Quantization primitives: quantizer (pure functions), learnables, QuantLinear, blocks,
+the decoder layer, and the run-time activation quantizers."""

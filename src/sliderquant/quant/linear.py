@@ -1,62 +1,78 @@
-"""QuantLinear: a frozen linear layer with LoRA, a weight quantizer and an input quantizer.
+"""QuantLinear: a frozen projection with its weight learnables, weight and input quantizers.
 
-A training-time view over an existing `nn.Linear`: the base weight and bias are the same
-tensors as the model's (frozen, never modified during training), so wrapping costs no copy.
+A training-time view over a weight *tensor* (and optional bias), not over an `nn.Linear`:
+the tensor may be a model parameter or a slice `param[e]` of a fused 3-D expert parameter.
+The base tensors are the model's own (frozen, never modified during training), so wrapping
+costs no copy.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sliderquant.quant.quantizer import WeightQuantizer, fake_quantize
+from sliderquant.quant.learnables import LayerQuantSpec, weight_learnables
+from sliderquant.quant.quantizer import QuantGrid, fake_quantize, weight_grid
 
-LORA_ALPHA = 1.0  # fixed in the reference code: the delta is (B @ A) * alpha / rank
+
+@dataclass(frozen=True)
+class Projection:
+    """Where a projection's tensors are: weight [out, in] and optional bias [out], the
+    model's own tensors (or views into them, e.g. one expert of a fused parameter)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
 
 
 class QuantLinear(nn.Module):
-    """y = Q_a(x) @ Q_w(W_t + B @ A * alpha / r)^T + b_t in quantized mode; x @ W^T + b in FP mode.
+    """y = Q_a(x) @ Q_w(adjust(W_t))^T + b_t in quantized mode; x @ W^T + b in FP mode.
 
-    `W_t`, `b_t` are the (possibly channel-scaled) weight and bias handed in by the layer.
+    `W_t`, `b_t` are the (possibly channel-scaled) weight and bias handed in by the block;
+    `adjust` applies the weight learnables in order (LoRA: W_t + B @ A * alpha / r), and the
+    quantizer receives what they hand it (clipping logits).
     """
 
-    def __init__(
-        self,
-        linear: nn.Linear,
-        wbits: int,
-        abits: int,
-        group_size: int | None,
-        lora_rank: int,
-        lwc: bool,
-        generator: torch.Generator | None = None,
-    ):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: LayerQuantSpec,
+                 generator: torch.Generator | None = None):
         super().__init__()
-        out_features, in_features = linear.weight.shape
-        self.register_buffer("weight", linear.weight.detach(), persistent=False)
-        bias = None if linear.bias is None else linear.bias.detach()
-        self.register_buffer("bias", bias, persistent=False)
-        self.abits = abits
-        self.weight_quantizer = WeightQuantizer(out_features, in_features, wbits, group_size, lwc)
-        self.lora_rank = lora_rank
-        if lora_rank > 0:
-            bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) on [r, in]
-            a = torch.empty(lora_rank, in_features).uniform_(-bound, bound, generator=generator)
-            self.lora_a = nn.Parameter(a.to(linear.weight.dtype))
-            self.lora_b = nn.Parameter(torch.zeros(out_features, lora_rank,
-                                                   dtype=linear.weight.dtype))
+        out_features, in_features = weight.shape
+        self.register_buffer("weight", weight.detach(), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
+        self.abits = spec.abits
+        self.format = spec.weight_format
+        self.learnables = nn.ModuleDict(
+            weight_learnables(spec, out_features, in_features, weight.dtype, generator))
 
-    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """`weight` plus the LoRA delta (before quantization)."""
-        if self.lora_rank == 0:
-            return weight
-        return weight + (self.lora_b @ self.lora_a) * (LORA_ALPHA / self.lora_rank)
+    def adjust(self, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` as the quantizer sees it (LoRA merged, …)."""
+        for learnable in self.learnables.values():
+            weight = learnable.adjust(weight)
+        return weight
+
+    def _quantizer_args(self) -> dict[str, torch.Tensor]:
+        args: dict[str, torch.Tensor] = {}
+        for learnable in self.learnables.values():
+            args.update(learnable.quantizer_args())
+        return args
 
     def quantized_weight(self, weight: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
-        """Fake-quantized `weight + LoRA` at fraction `rate` (differentiable w.r.t. learnables)."""
-        return self.weight_quantizer(self.merged_weight(weight), rate)
+        """Fake-quantized `adjust(weight)` at fraction `rate` (differentiable w.r.t. learnables)."""
+        fmt = self.format
+        return fake_quantize(self.adjust(weight), fmt.bits, rate, fmt.group_size,
+                             symmetric=fmt.symmetric, **self._quantizer_args())
+
+    @torch.no_grad()
+    def folded(self, weight: torch.Tensor) -> tuple[torch.Tensor, QuantGrid | None]:
+        """The deployable weight (learnables merged, on the integer grid) and its grid (None
+        when weights stay in full precision)."""
+        adjusted = self.adjust(weight)
+        if self.format.bits >= 16:
+            return adjusted, None
+        grid = weight_grid(adjusted, self.format, **self._quantizer_args())
+        return grid.dequantize(), grid
 
     def forward(
         self,

@@ -1,8 +1,13 @@
-"""Uniform asymmetric fake quantizer (ALGORITHM.md §5.1).
+"""Uniform fake quantizer (ALGORITHM.md §5.1) as pure functions.
 
 One (step, zero-point) per row of the last axis, or per group of `group_size` entries of
-it; straight-through rounding; optional learnable clipping logits; partial ("sliding")
-quantization of the first `ceil(rate * D)` entries with statistics from the whole row.
+it; optional clipping logits that shrink the range; partial ("sliding") quantization of
+the first `ceil(rate * D)` entries with statistics from the whole row.
+
+`quantize_codes` is the one path from a tensor to its integer codes: training reaches it
+through `fake_quantize` (straight-through rounding, so gradients flow) and folding through
+`weight_grid` (the same codes, kept as a `QuantGrid`). Rounding with the straight-through
+estimator gives exactly `round(t)` in the forward pass, so the two cannot disagree.
 """
 
 from __future__ import annotations
@@ -11,16 +16,23 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-SUPPORTED_BITS = (2, 3, 4, 8, 16)
-CLIP_INIT = 4.0  # sigmoid(4) ≈ 0.982: clipping starts just inside the min/max range
 STEP_MIN, STEP_MAX = 1e-5, 1e4
 FULL_RATE = 0.99  # fractions at or above this quantize the whole axis, as in the reference code
 
 
+@dataclass(frozen=True)
+class WeightFormat:
+    """How a weight is quantized: bits, per-channel (`group_size` None) or per-group, and
+    asymmetric (default, learned zero point) or symmetric (fixed zero point 2^(bits-1))."""
+
+    bits: int
+    group_size: int | None = None
+    symmetric: bool = False
+
+
 def round_ste(t: torch.Tensor) -> torch.Tensor:
-    """Round with a straight-through (identity) gradient."""
+    """Round with a straight-through (identity) gradient; the value is exactly `t.round()`."""
     return t + (t.round() - t).detach()
 
 
@@ -30,11 +42,18 @@ def quant_params(
     group_size: int | None = None,
     upper: torch.Tensor | None = None,
     lower: torch.Tensor | None = None,
+    symmetric: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step and zero-point for `x`, shaped `[..., n_groups, 1]` (one group if `group_size` is None).
 
     `upper`/`lower` are clipping logits shaped `[..., n_groups]`; the max/min of each group is
     multiplied by their sigmoid. The zero-point carries no gradient.
+
+    Asymmetric: step = (max - min) / (2^b - 1), zero = round(-min / step).
+    Symmetric: step = 2 * absmax / (2^b - 1) and the fixed zero 2^(b-1), so W = step * (q -
+    2^(b-1)) with q in 0..2^b - 1: at 4 bits exactly GGUF Q4_0's grid d * (q - 8), q in 0..15,
+    and compressed-tensors' symmetric int4 (scale absmax / 7.5). The grid covers
+    [-2^(b-1), 2^(b-1) - 1] steps, so a positive absmax is clipped by less than one step.
     """
     groups = _grouped(x, group_size)
     hi = groups.amax(dim=-1, keepdim=True)
@@ -42,9 +61,28 @@ def quant_params(
     if upper is not None:
         hi = torch.sigmoid(upper).unsqueeze(-1) * hi
         lo = torch.sigmoid(lower).unsqueeze(-1) * lo
+    if symmetric:
+        absmax = torch.maximum(hi.abs(), lo.abs())
+        step = (2 * absmax / (2**bits - 1)).clamp(STEP_MIN, STEP_MAX)
+        return step, torch.full_like(step, 2 ** (bits - 1))
     step = ((hi - lo) / (2**bits - 1)).clamp(STEP_MIN, STEP_MAX)
     zero = (-lo / step).clamp(-1e4, 1e4).round().detach()
     return step, zero
+
+
+def quantize_codes(
+    x: torch.Tensor,
+    bits: int,
+    group_size: int | None = None,
+    upper: torch.Tensor | None = None,
+    lower: torch.Tensor | None = None,
+    symmetric: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes, step, zero) of `x`: codes in [0, 2^b - 1] (float, straight-through gradient)
+    shaped `[..., n_groups, group]`, step and zero `[..., n_groups, 1]`."""
+    step, zero = quant_params(x, bits, group_size, upper, lower, symmetric)
+    codes = (round_ste(_grouped(x, group_size) / step) + zero).clamp(0, 2**bits - 1)
+    return codes, step, zero
 
 
 def fake_quantize(
@@ -54,6 +92,7 @@ def fake_quantize(
     group_size: int | None = None,
     upper: torch.Tensor | None = None,
     lower: torch.Tensor | None = None,
+    symmetric: bool = False,
 ) -> torch.Tensor:
     """Quantize-dequantize `x` along its last axis; identity for `bits >= 16`.
 
@@ -62,53 +101,31 @@ def fake_quantize(
     """
     if bits >= 16:
         return x
-    step, zero = quant_params(x, bits, group_size, upper, lower)
-    groups = _grouped(x, group_size)
-    q = (round_ste(groups / step) + zero).clamp(0, 2**bits - 1)
-    out = ((q - zero) * step).reshape(x.shape)
+    codes, step, zero = quantize_codes(x, bits, group_size, upper, lower, symmetric)
+    out = ((codes - zero) * step).reshape(x.shape)
     if rate < FULL_RATE:
         k = math.ceil(rate * x.shape[-1])
         out = torch.cat([out[..., :k], x[..., k:]], dim=-1)
     return out
 
 
+def weight_grid(
+    weight: torch.Tensor,
+    fmt: WeightFormat,
+    upper: torch.Tensor | None = None,
+    lower: torch.Tensor | None = None,
+) -> QuantGrid:
+    """The full (rate 1) quantization of `weight` [out, in] as integer codes on their grid."""
+    codes, step, zero = quantize_codes(weight, fmt.bits, fmt.group_size, upper, lower,
+                                       fmt.symmetric)
+    return QuantGrid(codes.reshape(weight.shape), step.squeeze(-1), zero.squeeze(-1),
+                     fmt.bits, fmt.group_size)
+
+
 def _grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
     if group_size is None:
         return x.unsqueeze(-2)
     return x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
-
-
-class WeightQuantizer(nn.Module):
-    """Per-output-channel (or per-group) weight quantizer with learnable clipping (LWC)."""
-
-    def __init__(
-        self, out_features: int, in_features: int, bits: int, group_size: int | None, lwc: bool
-    ):
-        super().__init__()
-        self.bits = bits
-        self.group_size = group_size
-        n_groups = 1 if group_size is None else in_features // group_size
-        if lwc:
-            self.clip_upper = nn.Parameter(torch.full((out_features, n_groups), CLIP_INIT))
-            self.clip_lower = nn.Parameter(torch.full((out_features, n_groups), CLIP_INIT))
-        else:
-            self.clip_upper = self.clip_lower = None
-
-    def forward(self, weight: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
-        return fake_quantize(
-            weight, self.bits, rate, self.group_size, self.clip_upper, self.clip_lower
-        )
-
-    def integers(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(codes, step, zero) of the full quantization of `weight`: codes in [0, 2^b - 1],
-        step and zero shaped [out, n_groups]."""
-        step, zero = quant_params(
-            weight, self.bits, self.group_size, self.clip_upper, self.clip_lower
-        )
-        codes = (torch.round(_grouped(weight, self.group_size) / step) + zero).clamp(
-            0, 2**self.bits - 1
-        )
-        return codes.reshape(weight.shape), step.squeeze(-1), zero.squeeze(-1)
 
 
 @dataclass

@@ -1,0 +1,153 @@
+"""The quantize pipeline, independent of how the model was loaded and where results go:
+preflight -> calibration ids -> (rotation) -> (auto schedule) -> quantize every layer
+(span.py: views, capture, windows, fold) -> run-time activation quantizers -> report.
+
+Run folders (checkpoint location, saving, the run record on disk) belong to the caller
+(`api.quantize`); the pipeline only receives the checkpoint store to use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from sliderquant.calibration import calibration_ids
+from sliderquant.checkpoint import CheckpointStore
+from sliderquant.config import AUTO_SCHEDULE, ConfigError, QuantConfig
+from sliderquant.data import resolve_data_root
+from sliderquant.engine import WindowRecord, make_schedule
+from sliderquant.fold import install_activation_quantization
+from sliderquant.hardware import default_device, peak_rss_mb
+from sliderquant.models.adapters import DecoderAdapter
+from sliderquant.rotation import rotate_model
+from sliderquant.sensitivity import resolve_auto_schedule
+from sliderquant.span import quantize_span
+from sliderquant.version import __version__
+
+RUN_FORMAT = 1  # version of the run record's layout
+
+
+@dataclass
+class QuantizeResult:
+    model: torch.nn.Module
+    report: dict = field(default_factory=dict)
+    grids: dict[str, torch.Tensor] = field(default_factory=dict)  # see fold.fold_layers
+
+
+def preflight(model: torch.nn.Module, config: QuantConfig) -> DecoderAdapter:
+    """Check that `config` fits `model` before any expensive work; return its adapter."""
+    config.validate()
+    adapter = DecoderAdapter(model)
+    if config.trains:  # round-to-nearest reads no calibration windows
+        adapter.check_context(config.seqlen)
+    adapter.check_group_size(config.group_size)
+    return adapter
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Content hash of a model's shape and a few weight sums (path-independent)."""
+    adapter = DecoderAdapter(model)
+    h = hashlib.sha256()
+    c = model.config
+    h.update(f"{c.model_type}/{adapter.num_layers}/{c.hidden_size}/{c.vocab_size}".encode())
+    tensors = [adapter.embed.weight] + [adapter.linears(i)["q"].weight
+                                        for i in range(adapter.num_layers)]
+    for t in tensors:
+        h.update(f"{t.double().sum().item():.10e}/{t.double().abs().sum().item():.10e}".encode())
+    return h.hexdigest()[:16]
+
+
+def quantize(
+    model: torch.nn.Module,
+    tokenizer,
+    config: QuantConfig,
+    calib: str | torch.Tensor | None = None,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    open_store: Callable[[], CheckpointStore | None] | None = None,
+    resume: bool = False,
+    show_progress: bool = True,
+    on_unit_end: Callable[[WindowRecord], None] | None = None,
+) -> QuantizeResult:
+    """Quantize `model` in place with `config`; return the folded model and its report.
+
+    `calib`: a calibration source name (overrides `config.calib`) or token ids [n, seqlen].
+    `open_store` is called once the inputs are checked and before any expensive work; the
+    store it returns receives a checkpoint after every window (`resume` continues from it).
+    See `api.quantize` for the rest.
+    """
+    timings: dict[str, float] = {}
+    began = time.perf_counter()
+    if isinstance(calib, str):
+        config = QuantConfig.from_dict({**config.to_dict(), "calib": calib})
+    adapter = preflight(model, config)
+    device = torch.device(device or default_device())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the report's peak is quantization's own
+    data_root = resolve_data_root(data_dir)
+    store = open_store() if open_store else None
+
+    t = time.perf_counter()
+    if isinstance(calib, torch.Tensor):
+        ids = calib.long()
+        if ids.dim() != 2 or ids.shape[1] != config.seqlen:
+            raise ConfigError(f"calibration ids must be [n, {config.seqlen}] (got "
+                              f"{list(ids.shape)})")
+        config = QuantConfig.from_dict({**config.to_dict(), "calib": "tensor",
+                                        "nsamples": ids.shape[0]})
+    elif config.trains:
+        ids = calibration_ids(tokenizer, config, data_root)
+    else:  # round-to-nearest needs no data
+        ids = torch.empty(0, config.seqlen, dtype=torch.long)
+    timings["calibration_data_s"] = time.perf_counter() - t
+    fingerprint = hashlib.sha256(
+        (config.fingerprint() + model_fingerprint(model)).encode()
+        + ids.numpy().tobytes()).hexdigest()[:16]
+
+    rotation = None
+    if config.rotate:
+        t = time.perf_counter()
+        rotation = rotate_model(adapter, config.seed, config.center_embeddings)
+        timings["rotation_s"] = time.perf_counter() - t
+
+    auto = None
+    if config.schedule == AUTO_SCHEDULE and config.trains:
+        t = time.perf_counter()
+        config, auto = resolve_auto_schedule(model, config, ids)
+        timings["auto_schedule_s"] = time.perf_counter() - t
+
+    records, grids = quantize_span(adapter, config, ids, device, store=store,
+                                   fingerprint=fingerprint, resume=resume,
+                                   on_unit_end=on_unit_end, show_progress=show_progress,
+                                   timings=timings)
+    t = time.perf_counter()
+    install_activation_quantization(adapter, config.abits, config.quantize_attention)
+    timings["fold_s"] += time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - began
+    report = {
+        "format": RUN_FORMAT,
+        "sliderquant_version": __version__,
+        "config": config.to_dict(),
+        "effective_learning_rates": config.learning_rates,
+        "schedule": make_schedule(config, adapter.num_layers) if config.trains else [],
+        "rotation": rotation,
+        "auto_schedule": auto,
+        "calibration": {"source": config.calib, "nsamples": int(ids.shape[0]),
+                        "seqlen": int(ids.shape[1]), "seed": config.seed,
+                        "tokens": int(ids.numel()), "chat_template": config.chat_template}
+        if ids.numel() else None,
+        "windows": [asdict(r) for r in records],
+        "timings": timings,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        report["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return QuantizeResult(model=model, report=report, grids=grids)

@@ -1,0 +1,98 @@
+"""Quantize a span of a model's layers: build the quantized views, capture the span's input,
+train it window by window, fold it into the model. Shared by the quantize pipeline (the
+span is every layer) and the sensitivity scans (one layer, or a prefix).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from sliderquant.checkpoint import CheckpointStore
+from sliderquant.config import QuantConfig
+from sliderquant.engine import Engine, WindowRecord
+from sliderquant.fold import fold_layers
+from sliderquant.models.adapters import DecoderAdapter
+from sliderquant.quant.layer import QuantDecoderLayer
+from sliderquant.quant.learnables import LayerQuantSpec
+
+
+def quantize_span(
+    adapter: DecoderAdapter,
+    config: QuantConfig,
+    ids: torch.Tensor,
+    device: torch.device,
+    first: int = 0,
+    last: int | None = None,
+    *,
+    store: CheckpointStore | None = None,
+    fingerprint: str = "",
+    resume: bool = False,
+    on_unit_end: Callable[[WindowRecord], None] | None = None,
+    show_progress: bool = True,
+    timings: dict[str, float] | None = None,
+) -> tuple[list[WindowRecord], dict[str, torch.Tensor]]:
+    """Quantize layers `first`..`last` (inclusive; default all) of `adapter.model` in place
+    with `config`, training on the calibration windows `ids` [n, T] (ignored by methods that
+    train nothing); layers before `first` stay FP and only carry the windows to the span.
+
+    Returns the window records and the grids (see `fold.fold_layers`). `timings` receives
+    `capture_s`, `train_s` (trained methods) and `fold_s`. The LoRA initialisation draws
+    from one generator seeded with `config.seed`, layer by layer from layer 0, so a layer's
+    start does not depend on the span.
+    """
+    last = adapter.num_layers - 1 if last is None else last
+    timings = {} if timings is None else timings
+    spec = LayerQuantSpec.from_config(config)
+    generator = torch.Generator().manual_seed(config.seed)
+    views = [QuantDecoderLayer(adapter.parts(i), spec, generator) for i in range(last + 1)]
+    for p in adapter.model.parameters():
+        p.requires_grad_(False)
+
+    records: list[WindowRecord] = []
+    if config.trains:
+        t = time.perf_counter()
+        x = embed(adapter, ids, config.inference_batch_size)
+        rope = adapter.rotary(x[:1].to(device), ids.shape[1])
+        x = _through_fp_layers(views[:first], x, rope, device)
+        timings["capture_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        engine = Engine(views[first:], rope, config, device, store, fingerprint, on_unit_end,
+                        show_progress)
+        records = engine.run(x, resume=resume)
+        timings["train_s"] = time.perf_counter() - t
+        del x
+
+    t = time.perf_counter()
+    grids = fold_layers(adapter, views[first:], first)
+    timings["fold_s"] = time.perf_counter() - t
+    return records, grids
+
+
+def embed(adapter: DecoderAdapter, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Embedding output for every calibration window (computed where the embedding lives),
+    float32 on the host."""
+    home = adapter.embed.weight.device
+    with torch.no_grad():
+        parts = [adapter.embed(ids[i:i + chunk].to(home)).float().cpu()
+                 for i in range(0, ids.shape[0], chunk)]
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def _through_fp_layers(views: list[QuantDecoderLayer], x: torch.Tensor,
+                       rope: tuple[torch.Tensor, torch.Tensor], device: torch.device
+                       ) -> torch.Tensor:
+    """`x` (host) through `views` in full precision, one window at a time, on `device`."""
+    if not views:
+        return x
+    cos, sin = rope
+    rows = []
+    for j in range(len(x)):
+        h = x[j:j + 1].to(device)
+        for view in views:
+            h = view(h, cos, sin)
+        rows.append(h.cpu())
+    return torch.cat(rows)
