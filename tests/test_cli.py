@@ -170,13 +170,25 @@ def test_ctrl_c_is_one_line_naming_resume(capsys, data_root, tmp_path, monkeypat
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_rtn_needs_no_calibration_data(capsys, data_root, tmp_path):
-    """--method rtn with a calibration source that does not exist offline still runs."""
-    out = tmp_path / "rtn"
-    assert main(["quantize", "stories260k", "--data-dir", str(data_root), "--method", "rtn",
-                 "--calib", "wikitext2:train", "--tasks", "none", "--out", str(out),
-                 "--quiet"]) == 0
-    assert json.loads((out / "sliderquant.json").read_text())["calibration"] is None
+def test_rtn_needs_no_calibration_data(capsys, data_root, tmp_path, monkeypatch):
+    """--method rtn --tasks none, offline, with calibration sources that do not exist here
+    (the data root has no WikiText-2 train split; the hub is off): no calibration function
+    is called and the run finishes."""
+    from sliderquant import calibration
+
+    def touched(*args, **kwargs):
+        raise AssertionError("rtn read calibration data")
+
+    for name in ("check_source", "source_ids", "_records", "_hf_records"):
+        monkeypatch.setattr(calibration, name, touched)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    for calib in ("wikitext2:train", "hf:someone/not-here"):
+        out = tmp_path / calib.replace(":", "_").replace("/", "_")
+        assert main(["quantize", "stories260k", "--data-dir", str(data_root), "--method", "rtn",
+                     "--calib", calib, "--tasks", "none", "--out", str(out), "--quiet"]) == 0
+        record = json.loads((out / "sliderquant.json").read_text())
+        assert record["calibration"] is None and record["windows"] == []
 
 
 def test_scheme_run_caps_eval_length_and_ends_with_the_summary(capsys, data_root, tmp_path,
