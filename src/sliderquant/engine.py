@@ -29,6 +29,9 @@ from sliderquant.quant.learnables import optimiser_groups
 from sliderquant.schedule import Window, build_schedule, check_coverage, fixed, parse_schedule
 
 MAX_RETRIES = 2  # a window whose loss turns non-finite is retried this often at half the LR
+# rows of the calibration set the before/after loss passes run on: enough for a stable mean
+# squared error, few enough that two no-grad passes per window stay cheap next to training
+LOSS_PASS_ROWS = 4
 
 
 class NonFiniteLossError(RuntimeError):
@@ -54,8 +57,8 @@ class WindowRecord:
     seconds: float = 0.0
     retries: int = 0
     # the window's loss before its first step (learnables at their start, e.g. RTN grids)
-    # and after its last one: each a no-grad pass over all calibration windows at the
-    # window's last quantized fraction, so the two are measured the same way
+    # and after its last one: each a no-grad pass over the first LOSS_PASS_ROWS calibration
+    # rows at the window's last quantized fraction, so the two are measured the same way
     initial_loss: float | None = None
     final_loss: float | None = None
 
@@ -242,8 +245,9 @@ class Engine:
 
     @torch.no_grad()
     def _loss(self, layers, xq, target, rate) -> float:
-        """Mean squared error of the window's quantized output on every calibration window,
-        in inference chunks (the same mean as an epoch's loss)."""
+        """Mean squared error of the window's quantized output on the first LOSS_PASS_ROWS
+        calibration rows, in inference chunks (the mean an epoch's loss takes)."""
+        xq, target = xq[:LOSS_PASS_ROWS], target[:LOSS_PASS_ROWS]
         total, size = 0.0, self.config.inference_batch_size
         with self._autocast():
             for lo in range(0, xq.shape[0], size):
