@@ -150,7 +150,8 @@ def load(ref: str, data_dir: str | os.PathLike | None = None,
         abits = compressed.activation_bits(path)
         if abits is not None:
             install_activation_quantization(DecoderAdapter(model), abits,
-                                            bool(marker.get("quantize_attention")))
+                                            bool(marker.get("quantize_attention")),
+                                            bool(marker.get("quantize_router")))
         return LoadedModel(model, tokenizer, source=str(path), run=marker.get("run"),
                            note=f"compressed ({compressed.FORMAT}) checkpoint, weights "
                                 f"unpacked to {str(dtype).removeprefix('torch.')}")
@@ -196,7 +197,7 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32) 
     loaded = load_model(str(path), None, dtype)
     config = QuantConfig.from_dict(run["config"])
     install_activation_quantization(DecoderAdapter(loaded.model), config.abits,
-                                    config.quantize_attention)
+                                    config.quantize_attention, config.quantize_router)
     loaded.run, loaded.note = run, run.get("model_note")
     return loaded
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sliderquant.cli import options
 from sliderquant.cli.options import finite_float, positive_int
-from sliderquant.cli.printing import print_results, print_summary, say
+from sliderquant.cli.printing import print_expert_tokens, print_results, print_summary, say
 from sliderquant.config import INTRA_MODES, METHODS, PRESETS, SCHEMES, QuantConfig
 
 NAME = "quantize"
@@ -64,6 +64,8 @@ _CONFIG_SWITCHES: list[tuple[str, str, str]] = [
     ("qk-scaling", "qk_scaling", "the extra q/k scaling vector (reference code)"),
     ("down-scaling", "down_scaling", "the up/down scaling vector"),
     ("quantize-attention", "quantize_attention", "quantize q/k/v inside attention (abits < 16)"),
+    ("quantize-router", "quantize_router", "quantize MoE routers like the experts (default: "
+     "routers stay in full precision)"),
     ("rotate", "rotate", "fused norms + random Hadamard rotation (on in the w4a4 preset)"),
     ("center-embeddings", "center_embeddings", "centre embedding rows before rotating (QuaRot)"),
     ("lr-times-batch", "lr_times_batch", "multiply learning rates by the batch size (reference)"),
@@ -198,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
           + (f" ({config.scheme})" if config.scheme else "") + f", preset {config.preset}")
     if loaded.note:
         print(f"note: {loaded.note}")
+    if report.get("experts"):
+        print_expert_tokens(report["experts"])
     if report.get("auto_schedule"):
         print(f"schedule auto: {report['auto_schedule']['reasoning']}")
     print_results(entries.get("eval", {}), fp)
