@@ -104,6 +104,14 @@ class Collective:
             p.grad = chunk.view_as(p).to(p.device, p.dtype) if flag else None
         return total
 
+    def sum(self, value: float) -> float:
+        """`value` summed over the ranks (the same number on every rank)."""
+        if not self.active:
+            return value
+        total = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total, group=self.group)
+        return total.item()
+
     def broadcast_(self, tensors: Iterable[torch.Tensor]) -> None:
         """Overwrite `tensors` in place with rank 0's values (one broadcast)."""
         tensors = list(tensors)
