@@ -213,6 +213,9 @@ def assert_same_run(out: Path, reference: Path) -> None:
     assert [w["layers"] for w in windows] == [w["layers"] for w in expected]
     for w, e in zip(windows, expected, strict=True):
         assert w["epoch_losses"] == pytest.approx(e["epoch_losses"], rel=1e-4)
+        # the loss passes over the first 4 windows (on 3 ranks: rows of ranks 0 and 1)
+        assert (w["initial_loss"], w["final_loss"]) == pytest.approx(
+            (e["initial_loss"], e["final_loss"]), rel=1e-4)
 
 
 @pytest.fixture(scope="module")
