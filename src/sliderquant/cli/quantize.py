@@ -17,8 +17,9 @@ from sliderquant.config import INTRA_MODES, METHODS, PRESETS, QuantConfig
 
 NAME = "quantize"
 HELP = "quantize a model, save it, report its perplexity"
-DESCRIPTION = ("Quantize MODEL, fold the learnables into plain weights, save a Hugging Face "
-               "folder with sliderquant.json, and evaluate it.")
+DESCRIPTION = ("Quantize MODEL, fold the learnables into plain weights, save it (by default "
+               "as a compressed checkpoint that plain transformers loads) with "
+               "sliderquant.json, and evaluate it.")
 
 # (flag, config key, type, help) for every QuantConfig field settable from the command line.
 _CONFIG_FLAGS: list[tuple[str, str, type, str]] = [
@@ -81,8 +82,15 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     for name, key, text in _CONFIG_SWITCHES:
         q.add_argument(f"--{name}", dest=key, action=argparse.BooleanOptionalAction,
                        default=None, help=text)
+    q.add_argument("--format", default="compressed",
+                   help="what to write, comma-separated: compressed (compressed-tensors "
+                        "pack-quantized, loads in plain transformers; default), gguf "
+                        "(R/model.gguf, llama.cpp), fake (fp32 fake-quantized folder). The "
+                        "first of compressed/fake fills --out itself, a second goes to "
+                        "--out/<format>")
     q.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run in --out from its last finished window")
+                   help="continue an interrupted run in --out from its last finished window, "
+                        "or finish its evaluation")
     q.add_argument("--overwrite", action="store_true",
                    help="replace a finished or unfinished run in --out")
     add_perplexity_arguments(q, default_tasks="wikitext2,c4")
@@ -106,40 +114,53 @@ def run(args: argparse.Namespace) -> int:
 
     config = _config_from_args(args)
     tasks = parse_tasks(args.tasks)
+    formats = api.parse_formats(args.format)
+    api.check_formats(formats, config)
     device = compute_device(args.device)
-    loaded = api.load(args.model, args.data_dir, torch_dtype(args.dtype), args.trust_remote_code)
-    if loaded.run is not None:
-        raise api.RunFolderError(f"{args.model} is already a quantized run; quantize the "
-                                 "original model instead")
-    api.preflight(loaded.model, config)
-    if tasks:
-        DecoderAdapter(loaded.model).check_context(args.eval_seqlen)
-    fp = None
-    if tasks and args.fp_reference:
-        say(args, "evaluating the unquantized model (cached after the first time)")
-        fp = api.fp_reference(loaded.model.to(device), loaded.tokenizer, tasks,
-                              args.eval_seqlen, args.eval_windows, args.data_dir, not args.quiet)
-        loaded.model.to("cpu")  # quantization keeps the model on the host, windows on `device`
-    say(args, f"quantizing {loaded.source}: {config.method} W{config.wbits}A{config.abits} "
-         f"({config.preset}), {config.nsamples}x{config.seqlen} tokens of {config.calib}, "
-         f"{config.epochs} epochs per window")
-    result = api.quantize(loaded.model, loaded.tokenizer, config, data_dir=args.data_dir,
-                          device=device, output_dir=args.out, resume=args.resume,
-                          overwrite=args.overwrite, show_progress=not args.quiet)
-    entries = {"model": loaded.source, "model_ref": api.loadable_ref(args.model),
-               "model_note": loaded.note}
-    if tasks:
-        entries["eval"] = api.evaluate_perplexity(
-            result.model.to(device), loaded.tokenizer, tasks, args.eval_seqlen, args.eval_windows,
-            args.data_dir, not args.quiet)
-        if fp is not None:
-            entries["eval_fp"] = fp
-    api.update_run_record(args.out, **entries)
+    with api.open_run(args.out, args.resume, args.overwrite) as out:
+        loaded = api.load(args.model, args.data_dir, torch_dtype(args.dtype),
+                          args.trust_remote_code)
+        if loaded.run is not None:
+            raise api.RunFolderError(f"{args.model} is already a quantized run; quantize the "
+                                     "original model instead")
+        api.preflight(loaded.model, config)
+        if tasks:
+            DecoderAdapter(loaded.model).check_context(args.eval_seqlen)
+        fp = None
+        if tasks and args.fp_reference:
+            say(args, "evaluating the unquantized model (cached after the first time)")
+            fp = api.fp_reference(loaded.model.to(device), loaded.tokenizer, tasks,
+                                  args.eval_seqlen, args.eval_windows, args.data_dir,
+                                  not args.quiet)
+            loaded.model.to("cpu")  # quantization keeps the model on the host
+        entries = {"model": loaded.source, "model_ref": api.loadable_ref(args.model),
+                   "model_note": loaded.note}
+        if out.state == "quantized":
+            say(args, f"{args.out} holds the quantized model: finishing its evaluation")
+            result = api.resume_evaluation(out)
+        else:
+            say(args, f"quantizing {loaded.source}: {config.method} W{config.wbits}"
+                      f"A{config.abits} ({config.preset}), {config.nsamples}x{config.seqlen} "
+                      f"tokens of {config.calib}, {config.epochs} epochs per window")
+            result = api.quantize(loaded.model, loaded.tokenizer, config, data_dir=args.data_dir,
+                                  device=device, output_dir=out, formats=formats,
+                                  resume=args.resume, evaluation=tasks, record=entries,
+                                  show_progress=not args.quiet,
+                                  warn=lambda text: say(args, f"warning: {text}"))
+        if tasks:
+            entries["eval"] = api.evaluate_perplexity(
+                result.model.to(device), loaded.tokenizer, tasks, args.eval_seqlen,
+                args.eval_windows, args.data_dir, not args.quiet)
+            if fp is not None:
+                entries["eval_fp"] = fp
+        api.update_run_record(args.out, finished=True, **entries)
     report = result.report
     print(f"saved {args.out}  (quantization {report['timings']['total_s']:.0f} s, "
           f"peak RSS {report['peak_rss_mb']:.0f} MiB)")
     if loaded.note:
         print(f"note: {loaded.note}")
+    for line in api.read_run_record(args.out).get("notes", []):
+        print(f"note: {line}")
     if report.get("auto_schedule"):
         print(f"schedule auto: {report['auto_schedule']['reasoning']}")
     print_perplexity(entries.get("eval", {}), fp)
