@@ -295,8 +295,8 @@ def activation_bits(folder: Path) -> int | None:
 
 
 def load_compressed(folder: Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) of a pack-quantized folder, weights unpacked to `dtype` without
-    needing the compressed-tensors package. Activation quantization is not installed here
+    """(model, tokenizer or None) of a pack-quantized folder, weights unpacked to `dtype`
+    without needing the compressed-tensors package. Activation quantization is not installed here
     (see `activation_bits`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -333,7 +333,9 @@ def load_compressed(folder: Path, dtype: torch.dtype = torch.float32):
                           f"unexpected {unexpected})")
     if tied:
         model.tie_weights()
-    return model.eval(), AutoTokenizer.from_pretrained(folder)
+    has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json",
+                                                          "tokenizer_config.json"))
+    return model.eval(), AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
 
 
 def _config_dtype(config) -> torch.dtype:
