@@ -272,7 +272,8 @@ def save(
     """Write the quantized model in `formats` and the run record into `path`; return the
     record. `evaluation` names the evaluation still to come: without it the run is
     finished at once, with it the record says `state: quantized` until
-    `update_run_record(..., finished=True)`. A folder format that cannot hold the model
+    `update_run_record(..., finished=True)`. The training checkpoint is removed once the
+    record is written (the saved model supersedes it). A folder format that cannot hold the model
     (e.g. zero points outside the compressed range) falls back to `fake`, with a warning."""
     from sliderquant.export.compressed import write_compressed
     from sliderquant.export.gguf import write_gguf
@@ -320,6 +321,7 @@ def save(
         names = _move_in(staging, out)
     record.update(formats=written, files=sorted(names), notes=notes)
     write_text(out / RUN_FILE, json.dumps(record, indent=1))
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # the saved model supersedes it
     return record
 
 
