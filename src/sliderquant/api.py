@@ -168,15 +168,16 @@ def _load_export(path: Path, dtype: torch.dtype) -> LoadedModel:
     if compressed.is_compressed_folder(path):
         model, tokenizer = compressed.load_compressed(path, dtype)
         abits = compressed.activation_bits(path)
+        attention = bool(marker.get("quantize_attention"))
         note = (f"compressed ({compressed.FORMAT}) checkpoint, weights unpacked to "
                 f"{str(dtype).removeprefix('torch.')}")
     else:
         loaded = load_model(str(path), None, dtype)
         model, tokenizer, note = loaded.model, loaded.tokenizer, loaded.note
-        abits = QuantConfig.from_dict(marker["run"]["config"]).abits
+        config = QuantConfig.from_dict(marker["run"]["config"])
+        abits, attention = config.abits, config.quantize_attention
     if abits is not None and abits < 16:
-        install_activation_quantization(DecoderAdapter(model), abits,
-                                        bool(marker.get("quantize_attention", True)))
+        install_activation_quantization(DecoderAdapter(model), abits, attention)
     return LoadedModel(model, tokenizer, source=str(path), run=marker.get("run"), note=note)
 
 
