@@ -109,6 +109,7 @@ def test_schedule_beyond_the_model_exits_2_before_the_fp_reference(data_root, tm
                  "--seqlen", "128", "--out", str(tmp_path / "r"), "--quiet", *EVAL])
     assert code == 2
     assert "outside layers 0..4" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # a refused run leaves no folder behind
 
 
 def test_unknown_format_and_gguf_with_activation_quantization_exit_2(

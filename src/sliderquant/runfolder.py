@@ -98,6 +98,7 @@ class RunFolder:
     path: Path
     state: str
     lock: int | None = None
+    created: bool = False  # the folder did not exist before this run
 
     @property
     def checkpoints(self) -> CheckpointStore:
@@ -114,8 +115,14 @@ class RunFolder:
     def __enter__(self) -> RunFolder:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, *exc) -> None:
+        """Release the lock; a folder this run created and left empty (a refusal or a
+        crash before anything was written) is removed again."""
         self.close()
+        if kind is not None and self.created and \
+                [p.name for p in self.path.iterdir()] == [LOCK_FILE]:
+            (self.path / LOCK_FILE).unlink()
+            self.path.rmdir()
 
 
 def open_run(path: str | os.PathLike, resume: bool = False, overwrite: bool = False
@@ -126,13 +133,14 @@ def open_run(path: str | os.PathLike, resume: bool = False, overwrite: bool = Fa
     if path.exists() and not path.is_dir():
         raise RunFolderError(f"--out {path} is a file; name a folder (new or one of an "
                              "earlier run)")
+    created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
         raise RunFolderError(f"--out {path} is not writable ({e.strerror}); choose a folder "
                              "you can write to") from None
-    run = RunFolder(path, state_of(path), fd)
+    run = RunFolder(path, state_of(path), fd, created)
     if not os.access(path, os.W_OK | os.X_OK):
         run.close()
         raise RunFolderError(f"--out {path} is not writable; choose a folder you can "
