@@ -169,15 +169,17 @@ def _load_export(path: Path, dtype: torch.dtype) -> LoadedModel:
         model, tokenizer = compressed.load_compressed(path, dtype)
         abits = compressed.activation_bits(path)
         attention = bool(marker.get("quantize_attention"))
+        router = bool(marker.get("quantize_router"))
         note = (f"compressed ({compressed.FORMAT}) checkpoint, weights unpacked to "
                 f"{str(dtype).removeprefix('torch.')}")
     else:
         loaded = load_model(str(path), None, dtype)
         model, tokenizer, note = loaded.model, loaded.tokenizer, loaded.note
         config = QuantConfig.from_dict(marker["run"]["config"])
-        abits, attention = config.abits, config.quantize_attention
+        abits, attention, router = (config.abits, config.quantize_attention,
+                                    config.quantize_router)
     if abits is not None and abits < 16:
-        install_activation_quantization(DecoderAdapter(model), abits, attention)
+        install_activation_quantization(DecoderAdapter(model), abits, attention, router)
     return LoadedModel(model, tokenizer, source=str(path), run=marker.get("run"), note=note)
 
 
@@ -205,7 +207,7 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32) 
     else:
         loaded = load_model(str(where), None, dtype)
     install_activation_quantization(DecoderAdapter(loaded.model), config.abits,
-                                    config.quantize_attention)
+                                    config.quantize_attention, config.quantize_router)
     loaded.source, loaded.run = str(path), run
     loaded.note = run.get("model_note") or (f"{fmt} model of the run folder"
                                             if fmt != "fake" else None)

@@ -45,6 +45,7 @@ class QuantConfig:
     qk_scaling: bool = True
     down_scaling: bool = True
     quantize_attention: bool = True
+    quantize_router: bool = False  # MoE routers: full precision unless asked
     # model preparation (W4A4): fused norms + random Hadamard on the residual stream
     rotate: bool = False
     center_embeddings: bool = True

@@ -30,6 +30,18 @@ def print_zeroshot(results: dict) -> None:
               f"({scored}; {r['source']})")
 
 
+def print_expert_tokens(experts: dict) -> None:
+    """The calibration tokens each expert of every MoE layer received, and the experts below
+    the low-coverage threshold (see expert_coverage.py)."""
+    print("calibration tokens per expert (FP routing):")
+    for layer, counts in experts["tokens_per_expert"].items():
+        print(f"  layer {layer:>3}: " + " ".join(str(n) for n in counts))
+    low, threshold = experts["low_coverage"], experts["low_coverage_threshold"]
+    if low:
+        print(f"{len(low)} experts received fewer than {threshold} tokens (trained on what they "
+              "received, flagged in sliderquant.json); more --nsamples widens coverage")
+
+
 def say(args: argparse.Namespace, text: str) -> None:
     """A status line on stderr, unless --quiet."""
     if not args.quiet:

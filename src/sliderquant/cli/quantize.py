@@ -12,7 +12,7 @@ from sliderquant.cli.options import (
     parse_tasks,
     torch_dtype,
 )
-from sliderquant.cli.printing import print_perplexity, say
+from sliderquant.cli.printing import print_expert_tokens, print_perplexity, say
 from sliderquant.config import INTRA_MODES, METHODS, PRESETS, QuantConfig
 
 NAME = "quantize"
@@ -61,6 +61,8 @@ _CONFIG_SWITCHES: list[tuple[str, str, str]] = [
     ("qk-scaling", "qk_scaling", "the extra q/k scaling vector (reference code)"),
     ("down-scaling", "down_scaling", "the up/down scaling vector"),
     ("quantize-attention", "quantize_attention", "quantize q/k/v inside attention (abits < 16)"),
+    ("quantize-router", "quantize_router", "quantize MoE routers like the experts (default: "
+     "routers stay in full precision)"),
     ("rotate", "rotate", "fused norms + random Hadamard rotation (on in the w4a4 preset)"),
     ("center-embeddings", "center_embeddings", "centre embedding rows before rotating (QuaRot)"),
     ("lr-times-batch", "lr_times_batch", "multiply learning rates by the batch size (reference)"),
@@ -161,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {loaded.note}")
     for line in api.read_run_record(args.out).get("notes", []):
         print(f"note: {line}")
+    if report.get("experts"):
+        print_expert_tokens(report["experts"])
     if report.get("auto_schedule"):
         print(f"schedule auto: {report['auto_schedule']['reasoning']}")
     print_perplexity(entries.get("eval", {}), fp)

@@ -45,6 +45,7 @@ class LayerQuantSpec:
     qk_scaling: bool = True
     down_scaling: bool = True
     quantize_attention: bool = True
+    quantize_router: bool = False  # MoE routers stay in full precision by default
 
     @classmethod
     def from_config(cls, config: QuantConfig) -> LayerQuantSpec:
@@ -55,6 +56,7 @@ class LayerQuantSpec:
             lwc=config.lwc and config.trains, channel_scaling=config.channel_scaling,
             qk_scaling=config.qk_scaling, down_scaling=config.down_scaling,
             quantize_attention=config.quantize_attention,
+            quantize_router=config.quantize_router,
         )
 
     @property
