@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from sliderquant.calibration import calibration_ids
 from sliderquant.checkpoint import CheckpointStore
 from sliderquant.config import AUTO_SCHEDULE, ConfigError, QuantConfig
-from sliderquant.data import calibration_ids, resolve_data_root
+from sliderquant.data import resolve_data_root
 from sliderquant.engine import WindowRecord, make_schedule
 from sliderquant.expert_coverage import ExpertCoverage
 from sliderquant.fold import install_activation_quantization
@@ -43,7 +44,8 @@ def preflight(model: torch.nn.Module, config: QuantConfig) -> DecoderAdapter:
     """Check that `config` fits `model` before any expensive work; return its adapter."""
     config.validate()
     adapter = DecoderAdapter(model)
-    adapter.check_context(config.seqlen)
+    if config.trains:  # round-to-nearest reads no calibration windows
+        adapter.check_context(config.seqlen)
     adapter.check_group_size(config.group_size)
     if config.trains and config.schedule != AUTO_SCHEDULE:
         try:
@@ -121,8 +123,10 @@ def quantize(
                               f"{list(ids.shape)})")
         config = QuantConfig.from_dict({**config.to_dict(), "calib": "tensor",
                                         "nsamples": ids.shape[0]})
-    else:
+    elif config.trains:
         ids = calibration_ids(tokenizer, config, data_root)
+    else:  # round-to-nearest needs no data
+        ids = torch.empty(0, config.seqlen, dtype=torch.long)
     timings["calibration_data_s"] = time.perf_counter() - t
     fingerprint = hashlib.sha256(
         (config.fingerprint() + model_fingerprint(model)).encode()
@@ -135,7 +139,7 @@ def quantize(
         timings["rotation_s"] = time.perf_counter() - t
 
     auto = None
-    if config.schedule == AUTO_SCHEDULE:
+    if config.schedule == AUTO_SCHEDULE and config.trains:
         t = time.perf_counter()
         config, auto = resolve_auto_schedule(model, config, ids)
         timings["auto_schedule_s"] = time.perf_counter() - t
@@ -161,7 +165,8 @@ def quantize(
         "family": family_report(adapter, config),
         "calibration": {"source": config.calib, "nsamples": int(ids.shape[0]),
                         "seqlen": int(ids.shape[1]), "seed": config.seed,
-                        "tokens": int(ids.numel())},
+                        "tokens": int(ids.numel()), "chat_template": config.chat_template}
+        if ids.numel() else None,
         "windows": [asdict(r) for r in records],
         "timings": timings,
         "peak_rss_mb": round(peak_rss_mb(), 1),

@@ -25,8 +25,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from sliderquant.calibration import calibration_ids
 from sliderquant.config import QuantConfig
-from sliderquant.data import calibration_ids, resolve_data_root
+from sliderquant.data import resolve_data_root
 from sliderquant.eval.perplexity import eval_windows, perplexity_from_nlls, window_nlls
 from sliderquant.models.adapters import DecoderAdapter
 from sliderquant.quant.quantizer import fake_quantize
