@@ -242,3 +242,15 @@ def test_w4a4_compressed_run_reloads_with_its_activation_quantization(tmp_path):
     with torch.no_grad():
         want = result.model(input_ids=ids).logits
         assert torch.equal(api.load(str(tmp_path / "r")).model(input_ids=ids).logits, want)
+
+
+def test_asymmetric_moe_run_is_refused_compressed_before_quantizing(tmp_path, monkeypatch):
+    from test_families import tiny_model as family_model
+
+    def boom(*args, **kwargs):
+        raise AssertionError("quantized before the format check")
+    monkeypatch.setattr(api, "run_pipeline", boom)
+    with pytest.raises(api.ConfigError, match="--symmetric"):
+        api.quantize(family_model("qwen3_moe"), None, rtn_config(), calib=CALIB,
+                     output_dir=tmp_path / "r", show_progress=False)
+    assert not (tmp_path / "r").exists()

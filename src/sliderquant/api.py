@@ -112,7 +112,7 @@ def quantize(
         return run_pipeline(model, tokenizer, config, calib, data_dir=data_dir,
                             device=device, resume=resume, show_progress=show_progress,
                             on_unit_end=on_unit_end)
-    check_formats(formats, config)
+    check_formats(formats, config, model)
     run = output_dir if isinstance(output_dir, RunFolder) else \
         open_run(output_dir, resume, overwrite)
     try:

@@ -37,6 +37,7 @@ from sliderquant.atomic import apply_umask, write_text
 from sliderquant.checkpoint import CheckpointError, CheckpointStore
 from sliderquant.config import ConfigError, QuantConfig
 from sliderquant.export.source import ExportError
+from sliderquant.models.adapters import DecoderAdapter
 from sliderquant.models.embedded import EMBEDDED, embedded_gguf
 from sliderquant.models.loading import FLOAT_DTYPES, STORIES, storage_dtype
 from sliderquant.pipeline import RUN_FORMAT, QuantizeResult
@@ -69,8 +70,15 @@ def parse_formats(text: str | tuple[str, ...] | list[str] | None) -> tuple[str, 
     return tuple(names)
 
 
-def check_formats(formats: tuple[str, ...], config: QuantConfig) -> None:
-    """Refuse, before any work, formats that cannot hold what `config` produces."""
+def check_formats(formats: tuple[str, ...], config: QuantConfig,
+                  model: torch.nn.Module | None = None) -> None:
+    """Refuse, before any work, formats that cannot hold what `config` produces (on
+    `model`, when given)."""
+    if (model is not None and "compressed" in formats and config.wbits < 16
+            and not config.symmetric and DecoderAdapter(model).fused_experts()):
+        raise ConfigError("--format compressed cannot hold an asymmetric weight grid on an "
+                          "MoE model (transformers + compressed-tensors drop the experts' zero "
+                          "points); add --symmetric, or use --format fake or gguf")
     if config.wbits >= 16 and "compressed" in formats:
         raise ConfigError("--format compressed needs quantized weights (wbits < 16); use "
                           "--format fake for an activation-only run")

@@ -173,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
             raise api.RunFolderError(f"{args.model} is already a quantized run; quantize the "
                                      "original model instead")
         api.preflight(loaded.model, config)
+        api.check_formats(formats, config, loaded.model)
         eval_seqlen = options.eval_length(loaded.model, args.eval_seqlen, args)
         fp = None
         if tasks and args.fp_reference:
