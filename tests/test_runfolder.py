@@ -254,3 +254,23 @@ def test_asymmetric_moe_run_is_refused_compressed_before_quantizing(tmp_path, mo
         api.quantize(family_model("qwen3_moe"), None, rtn_config(), calib=CALIB,
                      output_dir=tmp_path / "r", show_progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_writer_failing_after_quantization_keeps_the_work(tmp_path, monkeypatch):
+    from sliderquant.export import compressed
+    from sliderquant.export.source import ExportError
+
+    def refuse(*args, **kwargs):
+        raise ExportError("zero points outside 0..15")
+    monkeypatch.setattr(compressed, "write_compressed", refuse)
+    from test_export import tiny_tokenizer
+
+    warnings = []
+    result = api.quantize(tiny_model(), tiny_tokenizer(), rtn_config(), calib=CALIB,
+                          output_dir=tmp_path / "r", show_progress=False, warn=warnings.append)
+    assert "saved the fake-quantized folder instead" in warnings[0]
+    assert api.read_run_record(tmp_path / "r")["formats"] == {"fake": "."}
+    ids = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(api.load(str(tmp_path / "r")).model(input_ids=ids).logits,
+                           result.model(input_ids=ids).logits)
