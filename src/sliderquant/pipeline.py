@@ -2,8 +2,8 @@
 preflight -> calibration ids -> (rotation) -> (auto schedule) -> quantize every layer
 (span.py: views, capture, windows, fold) -> run-time activation quantizers -> report.
 
-Run folders (checkpoint location, saving, the run record on disk) belong to the caller
-(`api.quantize`); the pipeline only receives the checkpoint store to use.
+Run folders (lock, checkpoint location, saving, the run record on disk) belong to
+runfolder.py; the pipeline only receives the checkpoint store to use.
 
 Inside an initialised `torch.distributed` process group every rank runs this pipeline on
 its own copy of the model; the calibration windows are sharded over the ranks (see
@@ -53,6 +53,12 @@ def preflight(model: torch.nn.Module, config: QuantConfig) -> DecoderAdapter:
     if config.trains:  # round-to-nearest reads no calibration windows
         adapter.check_context(config.seqlen)
     adapter.check_group_size(config.group_size)
+    if config.trains and config.schedule != AUTO_SCHEDULE:
+        try:
+            make_schedule(config, adapter.num_layers)
+        except ValueError as e:
+            raise ConfigError(f"schedule for this {adapter.num_layers}-layer model: {e}"
+                              ) from None
     return adapter
 
 
@@ -115,7 +121,7 @@ def quantize(
         torch.cuda.reset_peak_memory_stats(device)  # the report's peak is quantization's own
     data_root = resolve_data_root(data_dir)
     # rank 0 alone owns the run folder and the store; the others learn of its errors
-    store = comm.on_main(open_store, share=False) if open_store else None
+    store = comm.on_main(lambda: open_store() if open_store else None, share=False)
 
     t = time.perf_counter()
     if isinstance(calib, torch.Tensor):
