@@ -49,7 +49,7 @@ def run(model: str, procs: int, args: list[str], data_dir: str, out: Path) -> di
                 [sys.executable, "-m", "torch.distributed.run", "--standalone",
                  f"--nproc-per-node={procs}", "-m", "sliderquant"])
     cmd = [*launcher, "quantize", model, "--data-dir", data_dir, "--out", str(out), "--quiet",
-           "--tasks", "none", *args]
+           "--tasks", "none", "--format", "fake", *args]
     load_before, cpu, began = os.getloadavg()[0], children_cpu_s(), time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     wall, cpu = time.perf_counter() - began, children_cpu_s() - cpu

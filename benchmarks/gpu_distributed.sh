@@ -78,7 +78,7 @@ def run(mode, out):
     print(f"{mode}: rank {comm.rank}/{comm.world_size} backend {comm.backend} on {device}",
           flush=True)
     result = quantize(model(), None, CONFIG, calib=CALIB, device=device, output_dir=out,
-                      show_progress=False)
+                      formats="fake", show_progress=False)
     if comm.is_main:
         print(f"{mode}: {json.dumps(result.report['ranks'])}", flush=True)
     if mode == "gloo2":

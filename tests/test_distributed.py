@@ -142,10 +142,10 @@ def _two_rank_runs(rank: int, out: Path, log: Path, killed: Path) -> None:
     from safetensors.torch import save_file
 
     result = quantize(tiny_model(layers=LAYERS), None, config(), calib=CALIB, output_dir=out,
-                      show_progress=False)
+                      formats="fake", show_progress=False)
     try:  # rank 0 finds a finished run; every rank must hear of it rather than wait
         quantize(tiny_model(layers=LAYERS), None, config(), calib=CALIB, output_dir=out,
-                 show_progress=False)
+                 formats="fake", show_progress=False)
         refused = None
     except RunFolderError as e:
         refused = str(e)
@@ -167,12 +167,12 @@ def _two_rank_runs(rank: int, out: Path, log: Path, killed: Path) -> None:
             os._exit(KILL_EXIT)  # the checkpoint of this unit is on disk; no cleanup runs
 
     quantize(tiny_model(layers=LAYERS), None, config(), calib=CALIB, output_dir=killed,
-             show_progress=False, on_unit_end=kill)
+             formats="fake", show_progress=False, on_unit_end=kill)
 
 
 def _resume(rank: int, out: Path) -> None:
     quantize(tiny_model(layers=LAYERS), None, config(), calib=CALIB, output_dir=out,
-             resume=True, show_progress=False)
+             resume=True, formats="fake", show_progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -180,16 +180,12 @@ def single(tmp_path_factory):
     """The single-process run: its folder and report."""
     out = tmp_path_factory.mktemp("single") / "run"
     result = quantize(tiny_model(layers=LAYERS), None, config(), calib=CALIB, output_dir=out,
-                      show_progress=False)
+                      formats="fake", show_progress=False)
     return out, result.report
 
 
 def folded(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "model.safetensors"))
-
-
-def learnables(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "checkpoint" / "learnables.safetensors"))
 
 
 def checkpoint_progress(out: Path) -> dict:
@@ -204,10 +200,6 @@ def assert_same_run(out: Path, reference: Path) -> None:
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
-    a, b = learnables(out), learnables(reference)
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4, msg=name)
     windows = json.loads((out / "sliderquant.json").read_text())["windows"]
     expected = json.loads((reference / "sliderquant.json").read_text())["windows"]
     assert [w["layers"] for w in windows] == [w["layers"] for w in expected]
@@ -236,7 +228,7 @@ def test_a_group_of_one_gives_the_plain_run(tmp_path, single):
     try:
         assert Collective().active
         quantize(tiny_model(layers=LAYERS), None, config(), calib=CALIB,
-                 output_dir=tmp_path / "run", show_progress=False)
+                 output_dir=tmp_path / "run", formats="fake", show_progress=False)
     finally:
         dist.destroy_process_group()
     assert_same_run(tmp_path / "run", reference)
@@ -307,5 +299,5 @@ def test_a_killed_run_resumes_on_three_processes_and_on_one(tmp_path, two_ranks,
     assert json.loads((killed / "sliderquant.json").read_text())["ranks"]["samples"] == [3, 2, 2]
 
     quantize(tiny_model(layers=LAYERS), None, config(), calib=CALIB, output_dir=tmp_path / "copy",
-             resume=True, show_progress=False)
+             resume=True, formats="fake", show_progress=False)
     assert_same_run(tmp_path / "copy", reference)
