@@ -1,6 +1,10 @@
 """The CUDA path: windows visit the GPU, the model stays where it is, folding still equals the
 student. Skipped where torch sees no CUDA device (CI has none)."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -83,3 +87,21 @@ def test_folded_model_equals_unfolded_student_on_cuda(family, spec):
     tol = 1e-4 if spec.abits >= 16 else 2e-3
     assert torch.allclose(deployed, student, atol=tol, rtol=tol), \
         (deployed - student).abs().max()
+
+
+def test_quantize_is_the_first_cuda_call_of_a_fresh_process():
+    """Regression: resetting the peak-memory statistics before CUDA was initialised raised
+    "Invalid device argument" when quantize was the process's first CUDA call."""
+    here = str(Path(__file__).parent)
+    code = (
+        f"import torch, sys; sys.path.insert(0, {here!r}); from conftest import tiny_model\n"
+        "from sliderquant import QuantConfig, quantize\n"
+        "cfg = QuantConfig.from_dict(dict(wbits=4, epochs=1, nsamples=4, seqlen=16, shallow=2,"
+        " deep=2, batch_size=2))\n"
+        "ids = torch.randint(0, 96, (4, 16))\n"
+        "r = quantize(tiny_model(layers=4), None, cfg, calib=ids, device='cuda',"
+        " show_progress=False)\n"
+        "assert r.report['peak_gpu_mb'] > 0\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -118,6 +118,8 @@ def quantize(
     adapter = preflight(model, config)
     device = torch.device(device or default_device())
     if device.type == "cuda":
+        # the allocator has no statistics before CUDA is initialised ("Invalid device argument")
+        torch.cuda.init()
         torch.cuda.reset_peak_memory_stats(device)  # the report's peak is quantization's own
     data_root = resolve_data_root(data_dir)
     # rank 0 alone owns the run folder and the store; the others learn of its errors
@@ -187,7 +189,7 @@ def quantize(
     if coverage:
         report["experts"] = coverage[0].to_dict()
     if device.type == "cuda":
-        report["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        report["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     report["ranks"] = _rank_report(comm, len(ids), memory.get("peak_cache_bytes", 0), report)
     return QuantizeResult(model=model, report=report, grids=grids)
 
