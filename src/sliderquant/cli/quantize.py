@@ -40,6 +40,9 @@ _CONFIG_FLAGS: list[tuple[str, str, type, str]] = [
     ("--lora-lr", "lora_lr", float, "LoRA learning rate (per sample; times batch size)"),
     ("--scale-lr", "scale_lr", float, "channel-scaling learning rate (per sample)"),
     ("--clip-lr", "clip_lr", float, "learnable weight clipping learning rate (per sample)"),
+    ("--round-lr", "round_lr", float, "learned rounding learning rate (per sample)"),
+    ("--loss-mask", "loss_mask", float, "fraction of the largest squared output errors left "
+     "out of the window loss, e.g. 0.001 (default 0: plain MSE)"),
     ("--shallow", "shallow", int, "layers covered by the growing windows (PESW), Ls"),
     ("--deep", "deep", int, "layers covered by the shrinking windows (PCSW), Ld"),
     ("--window-size", "window_size", int, "size s of the intermediate fixed windows"),
@@ -62,6 +65,12 @@ _CONFIG_SWITCHES: list[tuple[str, str, str]] = [
     ("quantize-attention", "quantize_attention", "quantize q/k/v inside attention (abits < 16)"),
     ("rotate", "rotate", "fused norms + random Hadamard rotation (on in the w4a4 preset)"),
     ("center-embeddings", "center_embeddings", "centre embedding rows before rotating (QuaRot)"),
+    ("rounding", "rounding", "learned rounding: one offset per weight, hardened across the "
+     "windows of its layer (beyond the paper)"),
+    ("search-start", "search_start", "clipping starts at the activation-weighted searched "
+     "value, also for rtn (beyond the paper)"),
+    ("best-epoch", "best_epoch", "keep each window's learnables from its lowest-loss epoch "
+     "(beyond the paper)"),
     ("lr-times-batch", "lr_times_batch", "multiply learning rates by the batch size (reference)"),
 ]
 

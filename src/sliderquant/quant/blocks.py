@@ -155,6 +155,20 @@ class QuantBlock(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
+    def search_start(self) -> None:
+        """Searched clipping start of every projection (see `QuantLinear.search_start`)."""
+        w = self.student_weights()
+        for name, lin in self.proj.items():
+            lin.search_start(w[f"{name}.weight"])
+
+    @torch.no_grad()
+    def harden_(self, fraction: float) -> None:
+        """Harden learned rounding of every projection to `fraction` (`QuantLinear.harden_`)."""
+        w = self.student_weights()
+        for name, lin in self.proj.items():
+            lin.harden_(w[f"{name}.weight"], fraction)
+
+    @torch.no_grad()
     def folded_weights(self) -> tuple[BlockWeights, dict[str, QuantGrid]]:
         """Final deployable weights (scaling folded, weight learnables merged, weights on the
         integer grid) and, per quantized projection, the grid they sit on."""
