@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sliderquant.quant.fused import fake_quantize_fast
 from sliderquant.quant.learnables import ChannelScales, LayerQuantSpec
 from sliderquant.quant.linear import Projection, QuantGrid, QuantLinear
-from sliderquant.quant.quantizer import fake_quantize
 
 BlockWeights = dict[str, "torch.Tensor | None"]
 
@@ -181,8 +181,14 @@ class QuantBlock(nn.Module):
         return w, grids
 
     def _project(self, w: BlockWeights, name: str, h: torch.Tensor, rate: float,
-                 quantized: bool) -> torch.Tensor:
-        return self.proj[name](h, w[f"{name}.weight"], w[f"{name}.bias"], rate, quantized)
+                 quantized: bool, input_quantized: bool = False) -> torch.Tensor:
+        return self.proj[name](h, w[f"{name}.weight"], w[f"{name}.bias"], rate, quantized,
+                               input_quantized)
+
+    def _shared_input(self, h: torch.Tensor, reader: str, rate: float, quantized: bool
+                      ) -> torch.Tensor:
+        """`h` quantized once for every projection that reads it (same bits, same rate)."""
+        return self.proj[reader].quantize_input(h, rate) if quantized else h
 
 
 class QuantAttention(QuantBlock):
@@ -249,14 +255,16 @@ class QuantAttention(QuantBlock):
                 quantized: bool = False, rate: float = 1.0) -> torch.Tensor:
         w = self.student_weights() if quantized else self.base_weights()
         b, t, _ = x.shape
-        h = rms_norm(x, w["norm"], self.eps)
-        q = self._heads(self._project(w, "q", h, rate, quantized), self.num_heads, w["q_norm"])
-        k = self._heads(self._project(w, "k", h, rate, quantized), self.num_kv_heads,
+        h = self._shared_input(rms_norm(x, w["norm"], self.eps), "q", rate, quantized)
+        q = self._heads(self._project(w, "q", h, rate, quantized, True), self.num_heads,
+                        w["q_norm"])
+        k = self._heads(self._project(w, "k", h, rate, quantized, True), self.num_kv_heads,
                         w["k_norm"])
-        v = self._heads(self._project(w, "v", h, rate, quantized), self.num_kv_heads, None)
+        v = self._heads(self._project(w, "v", h, rate, quantized, True), self.num_kv_heads,
+                        None)
         q, k = apply_rope(q, k, cos, sin)
         if quantized and self.quantize_activations:
-            q, k, v = (fake_quantize(z, self.abits, rate) for z in (q, k, v))
+            q, k, v = (fake_quantize_fast(z, self.abits, rate) for z in (q, k, v))
         attn = causal_attention(q, k, v).transpose(1, 2).reshape(b, t, -1)
         return self._project(w, "o", attn, rate, quantized)
 
@@ -295,7 +303,7 @@ class QuantMLP(QuantBlock):
     def forward(self, x: torch.Tensor, quantized: bool = False, rate: float = 1.0
                 ) -> torch.Tensor:
         w = self.student_weights() if quantized else self.base_weights()
-        h = rms_norm(x, w["norm"], self.eps)
-        hidden = (self.act_fn(self._project(w, "gate", h, rate, quantized))
-                  * self._project(w, "up", h, rate, quantized))
+        h = self._shared_input(rms_norm(x, w["norm"], self.eps), "gate", rate, quantized)
+        hidden = (self.act_fn(self._project(w, "gate", h, rate, quantized, True))
+                  * self._project(w, "up", h, rate, quantized, True))
         return self._project(w, "down", hidden, rate, quantized)

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sliderquant.quant.fused import fake_quantize_fast
 from sliderquant.quant.learnables import Clipping, LayerQuantSpec, Rounding, weight_learnables
-from sliderquant.quant.quantizer import QuantGrid, fake_quantize, quant_params, weight_grid
+from sliderquant.quant.quantizer import QuantGrid, quant_params, weight_grid
 from sliderquant.quant.search import search_clipping
 
 L = TypeVar("L", bound=nn.Module)
@@ -110,8 +111,13 @@ class QuantLinear(nn.Module):
     def quantized_weight(self, weight: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
         """Fake-quantized `adjust(weight)` at fraction `rate` (differentiable w.r.t. learnables)."""
         fmt = self.format
-        return fake_quantize(self.adjust(weight), fmt.bits, rate, fmt.group_size,
-                             symmetric=fmt.symmetric, **self._quantizer_args())
+        return fake_quantize_fast(self.adjust(weight), fmt.bits, rate, fmt.group_size,
+                                  symmetric=fmt.symmetric, **self._quantizer_args())
+
+    def quantize_input(self, x: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
+        """The input quantizer (per token, `abits`); projections that read the same tensor
+        (q/k/v, gate/up) share one call of it (see quant/blocks.py)."""
+        return fake_quantize_fast(x, self.abits, rate)
 
     @torch.no_grad()
     def folded(self, weight: torch.Tensor) -> tuple[torch.Tensor, QuantGrid | None]:
@@ -130,7 +136,9 @@ class QuantLinear(nn.Module):
         bias: torch.Tensor | None = None,
         rate: float = 1.0,
         quantized: bool = True,
+        input_quantized: bool = False,
     ) -> torch.Tensor:
+        """`input_quantized`: `x` already went through `quantize_input` at this `rate`."""
         if not quantized:
             if self.input_moments is not None:
                 self.input_moments += x.detach().float().pow(2).reshape(-1, x.shape[-1]).sum(0)
@@ -138,5 +146,6 @@ class QuantLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         weight = self.weight if weight is None else weight
         bias = self.bias if bias is None else bias
-        x = fake_quantize(x, self.abits, rate)
+        if not input_quantized:
+            x = self.quantize_input(x, rate)
         return F.linear(x, self.quantized_weight(weight, rate), bias)
