@@ -72,7 +72,7 @@ class QuantLinear(nn.Module):
         stop observing. No-op without clipping."""
         clip = self._learnable(Clipping)
         if clip is not None and self.format.bits < 16:
-            importance = (self.input_moments / self.observed_tokens
+            importance = (self.input_moments.to(weight.device) / self.observed_tokens
                           if self.input_moments is not None and self.observed_tokens else None)
             fmt = self.format
             upper, lower = search_clipping(self.adjust(weight), fmt.bits, fmt.group_size,
@@ -141,7 +141,8 @@ class QuantLinear(nn.Module):
         """`input_quantized`: `x` already went through `quantize_input` at this `rate`."""
         if not quantized:
             if self.input_moments is not None:
-                self.input_moments += x.detach().float().pow(2).reshape(-1, x.shape[-1]).sum(0)
+                moments = x.detach().float().pow(2).reshape(-1, x.shape[-1]).sum(0)
+                self.input_moments += moments.to(self.input_moments.device)
                 self.observed_tokens += x.numel() // x.shape[-1]
             return F.linear(x, self.weight, self.bias)
         weight = self.weight if weight is None else weight
