@@ -264,3 +264,23 @@ def test_cli_flags_reach_the_config():
                               "--loss-mask", "0.001", "--round-lr", "0.02"])
     assert (args.rounding, args.search_start, args.best_epoch) == (True, True, True)
     assert (args.loss_mask, args.round_lr) == (0.001, 0.02)
+
+
+def test_hardening_on_another_device_comes_back_with_the_layer():
+    """`Engine._placed` moves a layer to the compute device and back; the hard marks are
+    learnable state (persistent) and must come back updated, the frozen weights must again
+    be the model's own tensors. cpu:0 != cpu makes the move a real copy on a CPU machine."""
+    from sliderquant.engine import Engine
+
+    spec = LayerQuantSpec(wbits=2, abits=16, group_size=16, rounding=True)
+    adapter, layers = wrap(tiny_model(layers=1), spec)
+    own = layers[0].attn.proj["q"].weight
+    x = torch.zeros(1, 4, 64)
+    engine = Engine(layers, adapter.rotary(x, 4), small(rounding=True), torch.device("cpu", 0),
+                    show_progress=False)
+    with engine._placed(layers):
+        layers[0].harden_(0.5)
+    marks = {k: v for k, v in layers[0].state_dict().items() if k.endswith("round.hard")}
+    assert len(marks) == 7
+    assert all((v != 0).float().mean().item() == pytest.approx(0.5) for v in marks.values())
+    assert layers[0].attn.proj["q"].weight is own
