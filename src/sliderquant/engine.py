@@ -229,15 +229,18 @@ class Engine:
 
     @contextlib.contextmanager
     def _placed(self, layers: list[QuantDecoderLayer]):
-        """`layers` on the compute device inside the block. After it their learnables go back
-        to the model's device and their frozen weights are again the model's own tensors, so
-        no second copy of a weight outlives the block."""
+        """`layers` on the compute device inside the block. After it their learnables (and
+        persistent buffers) go back to the model's device and their frozen weights are again
+        the model's own tensors, so no second copy of a weight outlives the block."""
         homes = [layer.device for layer in layers]
         if all(home == self.device for home in homes):
             yield
             return
+        # the model's own tensors are the non-persistent buffers; persistent ones (hardened
+        # rounding marks) are learnable state and travel with the layer like its parameters
         frozen = [[(module, name, tensor) for module in layer.modules()
-                   for name, tensor in module.named_buffers(recurse=False)] for layer in layers]
+                   for name, tensor in module.named_buffers(recurse=False)
+                   if name in module._non_persistent_buffers_set] for layer in layers]
         for layer in layers:
             layer.to(self.device)
         try:
@@ -250,17 +253,18 @@ class Engine:
 
     @torch.no_grad()
     def _forward(self, layer_ids, x: torch.Tensor, quantized: bool, rate: float) -> torch.Tensor:
-        """Run `x` (host) through the given layers in inference chunks; result on the host.
-        One layer visits the device at a time, so catching up over many layers (a resumed
-        run, the FP targets of a late window) stays within one layer's memory there."""
-        out, size = x, self.config.inference_batch_size
-        for n, i in enumerate(layer_ids):
-            source, out = out, (torch.empty_like(x) if n == 0 else out)
-            with self._placed([self.layers[i]]), self._autocast():
-                for lo in range(0, x.shape[0], size):
-                    h = self.layers[i](source[lo:lo + size].to(self.device), self.cos, self.sin,
-                                       quantized, rate)
-                    out[lo:lo + size] = h.to(out.dtype).to(out.device)
+        """Run `x` (host) through the given layers in inference chunks; result on the host."""
+        layer_ids = list(layer_ids)
+        if not layer_ids:
+            return x
+        out = torch.empty_like(x)
+        size = self.config.inference_batch_size
+        with self._placed([self.layers[i] for i in layer_ids]), self._autocast():
+            for lo in range(0, x.shape[0], size):
+                h = x[lo:lo + size].to(self.device)
+                for i in layer_ids:
+                    h = self.layers[i](h, self.cos, self.sin, quantized, rate)
+                out[lo:lo + size] = h.to(out.dtype).to(out.device)
         return out
 
     def _fp_state(self, cache: dict[int, torch.Tensor], position: int) -> torch.Tensor:
