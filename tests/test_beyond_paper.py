@@ -284,3 +284,17 @@ def test_hardening_on_another_device_comes_back_with_the_layer():
     assert len(marks) == 7
     assert all((v != 0).float().mean().item() == pytest.approx(0.5) for v in marks.values())
     assert layers[0].attn.proj["q"].weight is own
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_every_mechanism_runs_and_folds_on_moe_families(family):
+    from sliderquant.models.adapters import DecoderAdapter
+    from sliderquant.span import quantize_span
+
+    model = tiny_model(family, layers=2)
+    cfg = small(rounding=True, search_start=True, best_epoch=True, loss_mask=0.001,
+                round_lr=5e-2, epochs=2)
+    records, grids = quantize_span(DecoderAdapter(model), cfg, CALIB, torch.device("cpu"),
+                                   show_progress=False)
+    assert records and any("expert" in k for k in grids)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

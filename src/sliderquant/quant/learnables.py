@@ -49,6 +49,7 @@ class LayerQuantSpec:
     down_scaling: bool = True
     quantize_attention: bool = True
     rounding: bool = False
+    quantize_router: bool = False  # MoE routers stay in full precision by default
 
     @classmethod
     def from_config(cls, config: QuantConfig) -> LayerQuantSpec:
@@ -62,6 +63,7 @@ class LayerQuantSpec:
             qk_scaling=config.qk_scaling, down_scaling=config.down_scaling,
             quantize_attention=config.quantize_attention,
             rounding=config.rounding and config.trains,
+            quantize_router=config.quantize_router,
         )
 
     @property
