@@ -2,8 +2,8 @@
 preflight -> calibration ids -> (rotation) -> (auto schedule) -> quantize every layer
 (span.py: views, capture, windows, fold) -> run-time activation quantizers -> report.
 
-Run folders (checkpoint location, saving, the run record on disk) belong to the caller
-(`api.quantize`); the pipeline only receives the checkpoint store to use.
+Run folders (lock, checkpoint location, saving, the run record on disk) belong to
+runfolder.py; the pipeline only receives the checkpoint store to use.
 """
 
 from __future__ import annotations
@@ -47,6 +47,12 @@ def preflight(model: torch.nn.Module, config: QuantConfig) -> DecoderAdapter:
     if config.trains:  # round-to-nearest reads no calibration windows
         adapter.check_context(config.seqlen)
     adapter.check_group_size(config.group_size)
+    if config.trains and config.schedule != AUTO_SCHEDULE:
+        try:
+            make_schedule(config, adapter.num_layers)
+        except ValueError as e:
+            raise ConfigError(f"schedule for this {adapter.num_layers}-layer model: {e}"
+                              ) from None
     return adapter
 
 
