@@ -137,13 +137,18 @@ def test_folded_model_with_learned_rounding_equals_the_student(family):
     assert torch.allclose(deployed, student, atol=1e-4, rtol=1e-4)
 
 
-def test_a_run_with_learned_rounding_ends_fully_hardened_and_resumes(tmp_path):
+def test_a_run_with_learned_rounding_ends_fully_hardened(tmp_path):
     from safetensors.torch import load_file
 
+    from sliderquant.checkpoint import CheckpointStore
+    from sliderquant.models.adapters import DecoderAdapter
+    from sliderquant.span import quantize_span
+
     cfg = small(rounding=True, round_lr=1e-2)
-    quantize(tiny_model(layers=4), None, cfg, calib=CALIB, output_dir=tmp_path / "a",
-             show_progress=False)
-    state = load_file(str(tmp_path / "a" / "checkpoint" / "learnables.safetensors"))
+    store = CheckpointStore(tmp_path)
+    quantize_span(DecoderAdapter(tiny_model(layers=4)), cfg, CALIB, torch.device("cpu"),
+                  store=store, show_progress=False)
+    state = load_file(str(tmp_path / "learnables.safetensors"))
     hard = [t for k, t in state.items() if k.endswith("round.hard")]
     offsets = [t for k, t in state.items() if k.endswith("round.offset")]
     assert len(hard) == 4 * 7
