@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sliderquant.quant.fused import fake_quantize_fast
 from sliderquant.quant.learnables import ChannelScales, LayerQuantSpec
 from sliderquant.quant.linear import Projection, QuantGrid, QuantLinear
+from sliderquant.quant.quantizer import fake_quantize
 
 BlockWeights = dict[str, "torch.Tensor | None"]
 
@@ -312,7 +312,7 @@ class QuantAttention(QuantBlock):
                         None)
         q, k = apply_rope(q, k, cos, sin)
         if quantized and self.quantize_activations:
-            q, k, v = (fake_quantize_fast(z, self.abits, rate) for z in (q, k, v))
+            q, k, v = (fake_quantize(z, self.abits, rate) for z in (q, k, v))
         attn = causal_attention(q, k, v).transpose(1, 2).reshape(b, t, -1)
         return self._project(w, "o", attn, rate, quantized)
 

@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sliderquant.quant.fused import fake_quantize_fast
 from sliderquant.quant.learnables import Clipping, LayerQuantSpec, Rounding, weight_learnables
-from sliderquant.quant.quantizer import QuantGrid, quant_params, weight_grid
+from sliderquant.quant.quantizer import QuantGrid, fake_quantize, quant_params, weight_grid
 from sliderquant.quant.search import search_clipping
 
 L = TypeVar("L", bound=nn.Module)
@@ -111,13 +110,13 @@ class QuantLinear(nn.Module):
     def quantized_weight(self, weight: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
         """Fake-quantized `adjust(weight)` at fraction `rate` (differentiable w.r.t. learnables)."""
         fmt = self.format
-        return fake_quantize_fast(self.adjust(weight), fmt.bits, rate, fmt.group_size,
+        return fake_quantize(self.adjust(weight), fmt.bits, rate, fmt.group_size,
                                   symmetric=fmt.symmetric, **self._quantizer_args())
 
     def quantize_input(self, x: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
         """The input quantizer (per token, `abits`); projections that read the same tensor
         (q/k/v, gate/up) share one call of it (see quant/blocks.py)."""
-        return fake_quantize_fast(x, self.abits, rate)
+        return fake_quantize(x, self.abits, rate)
 
     @torch.no_grad()
     def folded(self, weight: torch.Tensor) -> tuple[torch.Tensor, QuantGrid | None]:
