@@ -27,6 +27,7 @@ from sliderquant.calibration import calibration_ids, check_source
 from sliderquant.checkpoint import CheckpointError
 from sliderquant.config import ConfigError, QuantConfig
 from sliderquant.data import DataError, resolve_data_root
+from sliderquant.distributed import Collective
 from sliderquant.engine import NonFiniteLossError, WindowRecord
 from sliderquant.eval.divergence import window_divergence
 from sliderquant.eval.perplexity import eval_windows, perplexity_from_nlls, window_nlls
@@ -106,15 +107,29 @@ def quantize(
     that holds a finished run is refused unless `overwrite=True`. `evaluation` names the
     evaluation the caller will add before the run counts as finished; `record` holds extra
     entries for the run record.
+
+    Called on every rank of an initialised `torch.distributed` process group, the run is
+    data parallel (docs/DISTRIBUTED.md): same result, calibration caches split over the
+    ranks; rank 0 alone opens, locks and writes `output_dir` (its errors are raised on
+    every rank), every rank returns the folded model.
     """
     formats = parse_formats(formats)
     if output_dir is None:
         return run_pipeline(model, tokenizer, config, calib, data_dir=data_dir,
                             device=device, resume=resume, show_progress=show_progress,
                             on_unit_end=on_unit_end)
-    check_formats(formats, config, model)
-    run = output_dir if isinstance(output_dir, RunFolder) else \
-        open_run(output_dir, resume, overwrite)
+    comm = Collective()
+
+    def open_folder() -> RunFolder:
+        check_formats(formats, config, model)
+        return output_dir if isinstance(output_dir, RunFolder) else \
+            open_run(output_dir, resume, overwrite)
+
+    run = comm.on_main(open_folder, share=False)
+    if not comm.is_main:  # the other ranks of a data-parallel run train, rank 0 writes
+        return run_pipeline(model, tokenizer, config, calib, data_dir=data_dir,
+                            device=device, resume=resume, show_progress=show_progress,
+                            on_unit_end=on_unit_end)
     try:
         result = run_pipeline(model, tokenizer, config, calib, data_dir=data_dir,
                               device=device, resume=resume, open_store=lambda: run.checkpoints,

@@ -4,6 +4,11 @@ preflight -> calibration ids -> (rotation) -> (auto schedule) -> quantize every 
 
 Run folders (lock, checkpoint location, saving, the run record on disk) belong to
 runfolder.py; the pipeline only receives the checkpoint store to use.
+
+Inside an initialised `torch.distributed` process group every rank runs this pipeline on
+its own copy of the model; the calibration windows are sharded over the ranks (see
+engine.py), the store is opened and the auto schedule resolved by rank 0 alone, and every
+rank returns the same folded model.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from sliderquant.calibration import calibration_ids
 from sliderquant.checkpoint import CheckpointStore
 from sliderquant.config import AUTO_SCHEDULE, ConfigError, QuantConfig
 from sliderquant.data import resolve_data_root
+from sliderquant.distributed import Collective
 from sliderquant.engine import WindowRecord, make_schedule
 from sliderquant.expert_coverage import ExpertCoverage
 from sliderquant.fold import install_activation_quantization
@@ -100,10 +106,11 @@ def quantize(
     """Quantize `model` in place with `config`; return the folded model and its report.
 
     `calib`: a calibration source name (overrides `config.calib`) or token ids [n, seqlen].
-    `open_store` is called once the inputs are checked and before any expensive work; the
-    store it returns receives a checkpoint after every window (`resume` continues from it).
-    See `api.quantize` for the rest.
+    `open_store` is called (by rank 0 alone) once the inputs are checked and before any
+    expensive work; the store it returns receives a checkpoint after every window (`resume`
+    continues from it). See `api.quantize` for the rest.
     """
+    comm = Collective()
     timings: dict[str, float] = {}
     began = time.perf_counter()
     if isinstance(calib, str):
@@ -113,7 +120,8 @@ def quantize(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the report's peak is quantization's own
     data_root = resolve_data_root(data_dir)
-    store = open_store() if open_store else None
+    # rank 0 alone owns the run folder and the store; the others learn of its errors
+    store = comm.on_main(lambda: open_store() if open_store else None, share=False)
 
     t = time.perf_counter()
     if isinstance(calib, torch.Tensor):
@@ -131,6 +139,7 @@ def quantize(
     fingerprint = hashlib.sha256(
         (config.fingerprint() + model_fingerprint(model)).encode()
         + ids.numpy().tobytes()).hexdigest()[:16]
+    comm.check_same(fingerprint, "the model, settings or calibration windows")
 
     rotation = None
     if config.rotate:
@@ -141,14 +150,16 @@ def quantize(
     auto = None
     if config.schedule == AUTO_SCHEDULE and config.trains:
         t = time.perf_counter()
-        config, auto = resolve_auto_schedule(model, config, ids)
+        config, auto = comm.on_main(lambda: resolve_auto_schedule(model, config, ids))
         timings["auto_schedule_s"] = time.perf_counter() - t
 
+    memory: dict[str, int] = {}
     coverage: list[ExpertCoverage] = []
     records, grids = quantize_span(adapter, config, ids, device, store=store,
                                    fingerprint=fingerprint, resume=resume,
                                    on_unit_end=on_unit_end, show_progress=show_progress,
-                                   timings=timings, coverage=coverage)
+                                   timings=timings, memory=memory, coverage=coverage,
+                                   collective=comm)
     t = time.perf_counter()
     install_activation_quantization(adapter, config.abits, config.quantize_attention,
                                     config.quantize_router)
@@ -177,4 +188,15 @@ def quantize(
         report["experts"] = coverage[0].to_dict()
     if device.type == "cuda":
         report["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    report["ranks"] = _rank_report(comm, len(ids), memory.get("peak_cache_bytes", 0), report)
     return QuantizeResult(model=model, report=report, grids=grids)
+
+
+def _rank_report(comm: Collective, num_samples: int, cache_bytes: int, report: dict) -> dict:
+    """Per rank (in rank order): calibration windows held, peak bytes of the activation
+    caches, peak RSS (and GPU) MiB. One rank when the run was not data parallel."""
+    mine = {"samples": len(comm.shard(num_samples)), "peak_cache_bytes": cache_bytes,
+            "peak_rss_mb": report["peak_rss_mb"], "peak_gpu_mb": report.get("peak_gpu_mb")}
+    ranks = comm.gather(mine)
+    return {"world_size": comm.world_size, "backend": comm.backend,
+            **{key: [r[key] for r in ranks] for key in mine}}

@@ -1,4 +1,8 @@
-"""`sliderquant quantize`: quantize, fold, save and evaluate a model."""
+"""`sliderquant quantize`: quantize, fold, save and evaluate a model.
+
+Under `torchrun --nproc-per-node N` every rank quantizes (data parallel, see
+docs/DISTRIBUTED.md); rank 0 alone evaluates, writes the run folder and prints.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import contextlib
 import time
 from pathlib import Path
 
+from sliderquant import distributed
 from sliderquant.cli import options
 from sliderquant.cli.options import finite_float, positive_int
 from sliderquant.cli.printing import print_expert_tokens, print_results, print_summary, say
@@ -167,14 +172,21 @@ def run(args: argparse.Namespace) -> int:
     api.check_formats(formats, config)
     tasks = options.parse_tasks(args.tasks)
     perplexity_sets, lm_eval_tasks = options.split_tasks(tasks)
-    device = options.compute_device(args.device)
+    device = distributed.launch(options.compute_device(args.device))
+    main = distributed.Collective().is_main
+    args.quiet = args.quiet or not main
     data_root = resolve_data_root(args.data_dir)
     if config.trains:
         check_source(config.calib, data_root, config.chat_template)
     check_data(perplexity_sets, data_root)
     if lm_eval_tasks:
         api.check_tasks(lm_eval_tasks)
-    with api.open_run(args.out, args.resume, args.overwrite) as out:
+    comm = distributed.Collective()
+    # rank 0 alone opens and locks the folder; the others learn of its errors and its state
+    opened = comm.on_main(lambda: api.open_run(args.out, args.resume, args.overwrite),
+                          share=False)
+    state = comm.on_main(lambda: opened.state)
+    with opened if main else contextlib.nullcontext() as out:
         with clock("load"):
             loaded = api.load(args.model, args.data_dir, options.torch_dtype(args.dtype),
                               args.trust_remote_code)
@@ -185,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         api.check_formats(formats, config, loaded.model)
         eval_seqlen = options.eval_length(loaded.model, args.eval_seqlen, args)
         fp = None
-        if tasks and args.fp_reference:
+        if tasks and args.fp_reference and main:
             say(args, "evaluating the unquantized model (cached after the first time)")
             with clock("FP reference"):
                 fp = api.fp_reference(loaded.model.to(device), loaded.tokenizer, tasks, eval_seqlen,
@@ -194,23 +206,28 @@ def run(args: argparse.Namespace) -> int:
         calib = (f"{config.nsamples}x{config.seqlen} tokens of {config.calib}"
                  + (" (chat template)" if config.chat_template else "") if config.trains
                  else "no calibration data")
-        if out.state != "quantized":
+        if state != "quantized":
             say(args, f"quantizing {loaded.source}: {config.method} {_bits(config)} "
                       f"({config.preset}), {calib}"
                       + (f", {config.epochs} epochs per window" if config.trains else ""))
         entries = {"model": loaded.source, "model_ref": api.loadable_ref(args.model),
                    "model_note": loaded.note,
                    "data_root": str(data_root.resolve()) if data_root else None}
-        if out.state == "quantized":
+        if state == "quantized" and not main:
+            return 0
+        if state == "quantized":
             say(args, f"{args.out} holds the quantized model: finishing its evaluation")
             result = api.resume_evaluation(out)
         else:
             with clock("quantize"):
                 result = api.quantize(loaded.model, loaded.tokenizer, config,
-                                      data_dir=args.data_dir, device=device, output_dir=out,
+                                      data_dir=args.data_dir, device=device,
+                                      output_dir=out if main else args.out,
                                       formats=formats, resume=args.resume, evaluation=tasks,
                                       record=entries, show_progress=not args.quiet,
                                       warn=lambda text: say(args, f"warning: {text}"))
+        if not main:
+            return 0
         if tasks:
             scores = {}
             with clock("evaluation"):
