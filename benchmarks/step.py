@@ -59,6 +59,7 @@ DEFAULT_RECIPES = {
     "W4A16": "--preset w4a16 --fast",
     "W2A16 g64": "--preset w2a16 --fast --group-size 64",
     "W4A4 + channel scaling": "--preset w4a4 --fast --no-rotate",
+    "W2A16 g64 + learned rounding": "--preset w2a16 --fast --group-size 64 --rounding",
 }
 TOP_OPS = 12
 

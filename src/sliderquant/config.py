@@ -53,6 +53,11 @@ class QuantConfig:
     down_scaling: bool = True
     quantize_attention: bool = True
     quantize_router: bool = False  # MoE routers: full precision unless asked
+    # beyond the paper (off in every preset; docs/METHOD.md "Beyond the paper")
+    rounding: bool = False  # learned rounding, one offset per weight, hardened across windows
+    search_start: bool = False  # clipping starts at the activation-weighted searched value
+    best_epoch: bool = False  # keep each window's learnables from its lowest-loss epoch
+    loss_mask: float = 0.0  # fraction of the largest squared errors left out of the loss
     # model preparation (W4A4): fused norms + random Hadamard on the residual stream
     rotate: bool = False
     center_embeddings: bool = True
@@ -70,6 +75,7 @@ class QuantConfig:
     lora_lr: float = 1e-4
     scale_lr: float = 1e-3
     clip_lr: float = 1e-2
+    round_lr: float = 5e-3
     lr_times_batch: bool = True
     # calibration
     calib: str = "wikitext2:train"
@@ -184,7 +190,7 @@ class QuantConfig:
         """Effective optimiser learning rates per group (after the batch-size factor)."""
         factor = self.batch_size if self.lr_times_batch else 1
         return {"lora": self.lora_lr * factor, "scale": self.scale_lr * factor,
-                "clip": self.clip_lr * factor}
+                "clip": self.clip_lr * factor, "round": self.round_lr * factor}
 
     @property
     def stage_rates(self) -> list[float]:
@@ -239,9 +245,21 @@ class QuantConfig:
                               "layers; use stride <= window_size")
         if self.batch_size > self.nsamples:
             raise ConfigError(f"batch_size {self.batch_size} > nsamples {self.nsamples}")
-        for name in ("lora_lr", "scale_lr", "clip_lr"):
+        for name in ("lora_lr", "scale_lr", "clip_lr", "round_lr"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")
+        if not 0 <= self.loss_mask < 0.5:
+            raise ConfigError(f"loss_mask={self.loss_mask} must be in [0, 0.5), e.g. 0.001 "
+                              "(drops the largest 0.1% of squared errors)")
+        if self.wbits >= 16 and (self.rounding or self.search_start):
+            raise ConfigError("rounding and search_start act on quantized weights; they need "
+                              "wbits < 16")
+        if not self.trains and (self.rounding or self.best_epoch or self.loss_mask):
+            raise ConfigError("rounding, best_epoch and loss_mask act during training; method "
+                              "rtn trains nothing (search_start works with rtn)")
+        if self.search_start and self.trains and not self.lwc:
+            raise ConfigError("search_start sets where learnable clipping starts; turn lwc on "
+                              "or drop search_start")
         if self.channel_scaling and self.abits >= 16:
             raise ConfigError("channel_scaling needs activation quantization (abits < 16); "
                               "weight-only runs use LoRA + clipping only (ALGORITHM.md §5.3)")

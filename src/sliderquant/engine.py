@@ -91,9 +91,69 @@ def make_units(config: QuantConfig, schedule: list[Window]) -> list[Unit]:
             for r, w in enumerate(schedule)]
 
 
+def window_loss(pred: torch.Tensor, target: torch.Tensor, mask: float = 0.0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training loss, plain MSE). With `mask` > 0 the training loss leaves out the largest
+    `mask` fraction of squared errors (auto-round's outlier-masked MSE at <= 3 bits)."""
+    err = (pred - target).pow(2)
+    mse = err.mean()
+    k = int(err.numel() * mask)
+    if k == 0:
+        return mse, mse
+    threshold = torch.topk(err.detach().flatten(), k).values[-1]
+    keep = err < threshold
+    return (err * keep).sum() / keep.sum().clamp_min(1), mse
+
+
 def learnable_state(layers: list[QuantDecoderLayer]) -> dict[str, torch.Tensor]:
-    return {f"layers.{i}.{name}": p for i, layer in enumerate(layers)
-            for name, p in layer.named_parameters()}
+    """Every learnable tensor of `layers` (parameters and persistent buffers, such as the
+    hardened-rounding marks), keyed for checkpoints."""
+    return {f"layers.{i}.{name}": t for i, layer in enumerate(layers)
+            for name, t in layer.state_dict(keep_vars=True).items()}
+
+
+class BestEpoch:
+    """Keeps a copy of `state` (learnable tensors, changed in place by training) from the
+    epoch with the lowest loss offered, and puts it back with `restore`. The loss of an epoch
+    is its running mean over the epoch's steps, so "best" is judged on that mean."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self.state = state
+        self.loss = float("inf")
+        self.kept: dict[str, torch.Tensor] | None = None
+        self.kept_last = False
+
+    def offer(self, loss: float) -> None:
+        """The epoch just finished had mean loss `loss`; keep its learnables if lowest."""
+        self.kept_last = loss < self.loss
+        if self.kept_last:
+            self.loss = loss
+            self.kept = {k: v.detach().clone() for k, v in self.state.items()}
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Back to the kept epoch's learnables (nothing to do if the last one was kept)."""
+        if self.kept is None or self.kept_last:
+            return
+        for name, value in self.state.items():
+            value.copy_(self.kept[name])
+
+
+def hardening_fractions(units: list[Unit]) -> list[dict[int, float]]:
+    """Per unit, the fraction of learned rounding each of its layers has hardened when the
+    unit ends: k / K after the k-th of the K units that contain the layer, so a layer's
+    codes are final when its last window ends."""
+    total: dict[int, int] = {}
+    for unit in units:
+        for i in unit.layers:
+            total[i] = total.get(i, 0) + 1
+    seen: dict[int, int] = {}
+    fractions = []
+    for unit in units:
+        for i in unit.layers:
+            seen[i] = seen.get(i, 0) + 1
+        fractions.append({i: seen[i] / total[i] for i in unit.layers})
+    return fractions
 
 
 class Engine:
@@ -127,6 +187,7 @@ class Engine:
         self.show_progress = show_progress and self.comm.is_main
         self.schedule = make_schedule(config, len(layers))
         self.units = make_units(config, self.schedule)
+        self.hardening = hardening_fractions(self.units)
         self.records: list[WindowRecord] = []
         self.peak_cache_bytes = 0  # most bytes the activation caches held at once (this rank)
 
@@ -146,6 +207,12 @@ class Engine:
                    dynamic_ncols=True)
         xq, xq_pos, xq_stage = x0, 0, None
         fp_cache: dict[int, torch.Tensor] = {0: x0}
+        unstarted: set[int] = set()
+        if self.config.search_start:  # layers not trained yet start from a searched clipping
+            unstarted = set(range(len(self.layers))) - {
+                i for u in self.units[:done + 1] for i in u.layers}
+            for i in unstarted:
+                self.layers[i].observe()
         for index, unit in enumerate(self.units):
             if index <= done:
                 continue
@@ -161,9 +228,17 @@ class Engine:
             self._measure(x0, xq, *fp_cache.values())
             for j in [j for j in fp_cache if 0 < j < start]:
                 del fp_cache[j]
+            for i in sorted(unstarted & set(unit.layers)):  # observed by the FP pass above
+                with self._placed([self.layers[i]]):
+                    self.layers[i].search_start()
+                unstarted.discard(i)
             bar.set_description(f"stage {unit.stage + 1} window {unit.window + 1}/"
                                 f"{len(self.schedule)} layers {start}-{unit.layers[-1]}")
             record = self._train_unit(unit, index, xq, target, shard, bar)
+            if self.config.rounding:
+                for i, fraction in self.hardening[index].items():
+                    with self._placed([self.layers[i]]):
+                        self.layers[i].harden_(fraction)
             self.records.append(record)
             self._save(index)
             if self.on_unit_end is not None:
@@ -179,15 +254,18 @@ class Engine:
 
     @contextlib.contextmanager
     def _placed(self, layers: list[QuantDecoderLayer]):
-        """`layers` on the compute device inside the block. After it their learnables go back
-        to the model's device and their frozen weights are again the model's own tensors, so
-        no second copy of a weight outlives the block."""
+        """`layers` on the compute device inside the block. After it their learnables (and
+        persistent buffers) go back to the model's device and their frozen weights are again
+        the model's own tensors, so no second copy of a weight outlives the block."""
         homes = [layer.device for layer in layers]
         if all(home == self.device for home in homes):
             yield
             return
+        # the model's own tensors are the non-persistent buffers; persistent ones (hardened
+        # rounding marks) are learnable state and travel with the layer like its parameters
         frozen = [[(module, name, tensor) for module in layer.modules()
-                   for name, tensor in module.named_buffers(recurse=False)] for layer in layers]
+                   for name, tensor in module.named_buffers(recurse=False)
+                   if name in module._non_persistent_buffers_set] for layer in layers]
         for layer in layers:
             layer.to(self.device)
         try:
@@ -311,6 +389,7 @@ class Engine:
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: max(0.0, 1.0 - step / total))
         losses = []
+        best = BestEpoch(learnable_state(layers)) if cfg.best_epoch else None
         for _ in range(epochs):
             order = torch.randperm(n, generator=generator)
             epoch_loss = 0.0
@@ -326,7 +405,8 @@ class Engine:
                         h = x
                         for layer in layers:
                             h = layer(h, self.cos, self.sin, True, rate)
-                        loss = F.mse_loss(h.float(), y.float()) * (len(mine) / len(idx))
+                        loss, _ = window_loss(h.float(), y.float(), cfg.loss_mask)
+                        loss = loss * (len(mine) / len(idx))
                     loss.backward()
                 batch_loss = self.comm.reduce_gradients(loss, params)
                 if not math.isfinite(batch_loss):
@@ -337,6 +417,10 @@ class Engine:
                 bar.update(1)
             losses.append(epoch_loss / n)
             bar.set_postfix(loss=f"{losses[-1]:.3g}")
+            if best is not None:
+                best.offer(losses[-1])
+        if best is not None:
+            best.restore()
         return losses
 
     def _save(self, index: int) -> None:

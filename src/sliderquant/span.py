@@ -44,7 +44,8 @@ def quantize_span(
     train nothing); layers before `first` stay FP and only carry the windows to the span.
 
     Returns the window records and the grids (see `fold.fold_layers`). `timings` receives
-    `capture_s`, `train_s` (trained methods) and `fold_s`; `memory` receives
+    `capture_s`, `train_s` (trained methods), `search_s` (a searched start without
+    training; trained methods search inside the engine) and `fold_s`; `memory` receives
     `peak_cache_bytes`, the most bytes this process's activation caches held at once;
     `coverage` receives, for a trained method on a model with MoE layers, the calibration
     tokens routed to each expert (summed over the ranks). The LoRA initialisation draws from
@@ -83,6 +84,14 @@ def quantize_span(
         if memory is not None:
             memory["peak_cache_bytes"] = engine.peak_cache_bytes
         del x
+    elif config.search_start:
+        t = time.perf_counter()
+        x = embed(adapter, ids, config.inference_batch_size)
+        rope = adapter.rotary(x[:1].to(device), ids.shape[1])
+        x = _through_fp_layers(views[:first], x, rope, device)
+        _searched_start(views[first:], x, rope, device)
+        timings["search_s"] = time.perf_counter() - t
+        del x
 
     t = time.perf_counter()
     grids = fold_layers(adapter, views[first:], first)
@@ -117,6 +126,17 @@ def _through_fp_layers(views: list[QuantDecoderLayer], x: torch.Tensor,
             h = view(h, cos, sin)
         rows.append(h.cpu())
     return torch.cat(rows)
+
+
+@torch.no_grad()
+def _searched_start(views: list[QuantDecoderLayer], x: torch.Tensor,
+                    rope: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> None:
+    """Searched clipping start of every view from its full-precision inputs (`x` enters the
+    first view), one layer at a time: observe a layer, carry `x` through it, search."""
+    for view in views:
+        view.observe()
+        x = _through_fp_layers([view], x, rope, device)
+        view.search_start()
 
 
 def _summed(per_rank: list[dict[int, list[int]]]) -> dict[int, list[int]]:

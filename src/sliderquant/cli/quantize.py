@@ -49,6 +49,9 @@ _CONFIG_FLAGS: list[tuple[str, str, object, str]] = [
     ("--scale-lr", "scale_lr", finite_float, "channel-scaling learning rate (per sample)"),
     ("--clip-lr", "clip_lr", finite_float,
      "learnable weight clipping learning rate (per sample)"),
+    ("--round-lr", "round_lr", finite_float, "learned rounding learning rate (per sample)"),
+    ("--loss-mask", "loss_mask", finite_float, "fraction of the largest squared output errors "
+     "left out of the window loss, e.g. 0.001 (default 0: plain MSE)"),
     ("--shallow", "shallow", positive_int, "layers covered by the growing windows (PESW), Ls"),
     ("--deep", "deep", positive_int, "layers covered by the shrinking windows (PCSW), Ld"),
     ("--window-size", "window_size", positive_int, "size s of the intermediate fixed windows"),
@@ -74,6 +77,12 @@ _CONFIG_SWITCHES: list[tuple[str, str, str]] = [
      "routers stay in full precision)"),
     ("rotate", "rotate", "fused norms + random Hadamard rotation (on in the w4a4 preset)"),
     ("center-embeddings", "center_embeddings", "centre embedding rows before rotating (QuaRot)"),
+    ("rounding", "rounding", "learned rounding: one offset per weight, hardened across the "
+     "windows of its layer (beyond the paper)"),
+    ("search-start", "search_start", "clipping starts at the activation-weighted searched "
+     "value, also for rtn (beyond the paper)"),
+    ("best-epoch", "best_epoch", "keep each window's learnables from its lowest-loss epoch "
+     "(beyond the paper)"),
     ("lr-times-batch", "lr_times_batch", "multiply learning rates by the batch size (reference)"),
     ("symmetric", "symmetric", "symmetric weight grid (zero point in the middle); set by the "
      "_SYM/_ASYM spelling of --scheme"),

@@ -194,6 +194,20 @@ class QuantBlock(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
+    def search_start(self) -> None:
+        """Searched clipping start of every projection (see `QuantLinear.search_start`)."""
+        w = self.student_weights()
+        for name, lin in self.projections().items():
+            lin.search_start(w[f"{name}.weight"])
+
+    @torch.no_grad()
+    def harden_(self, fraction: float) -> None:
+        """Harden learned rounding of every projection to `fraction` (`QuantLinear.harden_`)."""
+        w = self.student_weights()
+        for name, lin in self.projections().items():
+            lin.harden_(w[f"{name}.weight"], fraction)
+
+    @torch.no_grad()
     def folded_weights(self) -> tuple[BlockWeights, dict[str, QuantGrid]]:
         """Final deployable weights (scaling folded, weight learnables merged, weights on the
         integer grid) and, per quantized projection, the grid they sit on."""
@@ -206,8 +220,14 @@ class QuantBlock(nn.Module):
         return w, grids
 
     def _project(self, w: BlockWeights, name: str, h: torch.Tensor, rate: float,
-                 quantized: bool) -> torch.Tensor:
-        return self.proj[name](h, w[f"{name}.weight"], w[f"{name}.bias"], rate, quantized)
+                 quantized: bool, input_quantized: bool = False) -> torch.Tensor:
+        return self.proj[name](h, w[f"{name}.weight"], w[f"{name}.bias"], rate, quantized,
+                               input_quantized)
+
+    def _shared_input(self, h: torch.Tensor, reader: str, rate: float, quantized: bool
+                      ) -> torch.Tensor:
+        """`h` quantized once for every projection that reads it (same bits, same rate)."""
+        return self.proj[reader].quantize_input(h, rate) if quantized else h
 
 
 def _linears(parts: BlockParts, names: tuple[str, ...], spec: LayerQuantSpec,
@@ -283,11 +303,13 @@ class QuantAttention(QuantBlock):
                 quantized: bool = False, rate: float = 1.0) -> torch.Tensor:
         w = self.student_weights() if quantized else self.base_weights()
         b, t, _ = x.shape
-        h = rms_norm(x, w["norm"], self.eps)
-        q = self._heads(self._project(w, "q", h, rate, quantized), self.num_heads, w["q_norm"])
-        k = self._heads(self._project(w, "k", h, rate, quantized), self.num_kv_heads,
+        h = self._shared_input(rms_norm(x, w["norm"], self.eps), "q", rate, quantized)
+        q = self._heads(self._project(w, "q", h, rate, quantized, True), self.num_heads,
+                        w["q_norm"])
+        k = self._heads(self._project(w, "k", h, rate, quantized, True), self.num_kv_heads,
                         w["k_norm"])
-        v = self._heads(self._project(w, "v", h, rate, quantized), self.num_kv_heads, None)
+        v = self._heads(self._project(w, "v", h, rate, quantized, True), self.num_kv_heads,
+                        None)
         q, k = apply_rope(q, k, cos, sin)
         if quantized and self.quantize_activations:
             q, k, v = (fake_quantize(z, self.abits, rate) for z in (q, k, v))
@@ -330,9 +352,9 @@ class QuantMLP(QuantBlock):
     def forward(self, x: torch.Tensor, quantized: bool = False, rate: float = 1.0
                 ) -> torch.Tensor:
         w = self.student_weights() if quantized else self.base_weights()
-        h = rms_norm(x, w["norm"], self.eps)
-        hidden = (self.act_fn(self._project(w, "gate", h, rate, quantized))
-                  * self._project(w, "up", h, rate, quantized))
+        h = self._shared_input(rms_norm(x, w["norm"], self.eps), "gate", rate, quantized)
+        hidden = (self.act_fn(self._project(w, "gate", h, rate, quantized, True))
+                  * self._project(w, "up", h, rate, quantized, True))
         return self._project(w, "down", hidden, rate, quantized)
 
 

@@ -96,6 +96,22 @@ class QuantDecoderLayer(nn.Module):
         return {name: lin for block in self.blocks().values()
                 for name, lin in block.projections().items()}
 
+    def observe(self) -> None:
+        """Every projection records the second moments of its full-precision inputs."""
+        for lin in self.projections().values():
+            lin.observe()
+
+    def search_start(self) -> None:
+        """Clipping of every projection starts at its searched value (quant/search.py), from
+        the inputs observed since `observe`."""
+        for block in self.blocks().values():
+            block.search_start()
+
+    def harden_(self, fraction: float) -> None:
+        """Learned rounding of every projection hardened until `fraction` of it is hard."""
+        for block in self.blocks().values():
+            block.harden_(fraction)
+
     @torch.no_grad()
     def folded_weights(self) -> tuple[dict[str, BlockWeights], dict[str, QuantGrid]]:
         """Per block, the deployable weights (see `QuantBlock.folded_weights`); per quantized

@@ -6,7 +6,8 @@ Every learnable names its optimiser group (`group`, also the key of its learning
 (`optimiser_groups`), so a new learnable needs no engine change. Learnables attached to one
 weight (`WeightLearnable`) act through two hooks that `QuantLinear` applies in order:
 `adjust` changes the weight before quantization (LoRA adds its delta) and `quantizer_args`
-hands arguments to the quantizer (clipping hands its logits). Channel scaling crosses a
+hands arguments to the quantizer (clipping hands its logits, learned rounding its offsets).
+Channel scaling crosses a
 block's norm -> projection boundaries, so the blocks apply it (quant/blocks.py).
 
 `LayerQuantSpec` says which learnables a layer carries; `weight_learnables` creates the
@@ -28,6 +29,8 @@ from sliderquant.quant.quantizer import WeightFormat
 
 LORA_ALPHA = 1.0  # fixed in the reference code: the delta is (B @ A) * alpha / rank
 CLIP_INIT = 4.0  # sigmoid(4) ≈ 0.982: clipping starts just inside the min/max range
+CLIP_MAX_FACTOR = 0.999  # a searched start of 1 (no clipping) is stored as logit(0.999)
+ROUND_RANGE = 0.5  # a learned rounding offset moves a code by at most one level
 SCALE_MIN = 0.01  # scales are projected to |s| >= 0.01 before every use
 
 
@@ -45,17 +48,21 @@ class LayerQuantSpec:
     qk_scaling: bool = True
     down_scaling: bool = True
     quantize_attention: bool = True
+    rounding: bool = False
     quantize_router: bool = False  # MoE routers stay in full precision by default
 
     @classmethod
     def from_config(cls, config: QuantConfig) -> LayerQuantSpec:
-        """The spec of a run; a method that trains nothing (`rtn`) gets no LoRA or clipping."""
+        """The spec of a run; a method that trains nothing (`rtn`) gets no LoRA, and clipping
+        only to carry a searched start."""
         return cls(
             wbits=config.wbits, abits=config.abits, group_size=config.group_size,
             symmetric=config.symmetric, lora_rank=config.lora_rank if config.trains else 0,
-            lwc=config.lwc and config.trains, channel_scaling=config.channel_scaling,
+            lwc=(config.lwc and config.trains) or config.search_start,
+            channel_scaling=config.channel_scaling,
             qk_scaling=config.qk_scaling, down_scaling=config.down_scaling,
             quantize_attention=config.quantize_attention,
+            rounding=config.rounding and config.trains,
             quantize_router=config.quantize_router,
         )
 
@@ -115,6 +122,66 @@ class Clipping(WeightLearnable):
     def quantizer_args(self) -> dict[str, torch.Tensor]:
         return {"upper": self.upper, "lower": self.lower}
 
+    @torch.no_grad()
+    def start_at(self, upper: torch.Tensor, lower: torch.Tensor) -> None:
+        """Set the logits so that sigmoid(logit) is the given factor in (0, 1] (a searched
+        start); factors are capped at 0.999 so that a factor of 1 can still move."""
+        for logit, factor in ((self.upper, upper), (self.lower, lower)):
+            logit.copy_(torch.logit(factor.clamp(1e-3, CLIP_MAX_FACTOR)).to(logit))
+
+
+class Rounding(WeightLearnable):
+    """Learned rounding (SignRound-style): one offset v in [-0.5, 0.5] per weight, added to
+    `W / step` before rounding, so each weight chooses to round up or down.
+
+    `hard` (persistent, so checkpointed) marks hardened entries: +1 rounds up, -1 down,
+    relative to floor(W / step); they use the offset ±0.5 and no longer learn. `harden_`
+    hardens the most confident free entries; the engine calls it after every window that
+    contains the layer so that all are hard when its last window ends (quant/layer.py).
+    """
+
+    group = "round"
+
+    def __init__(self, out_features: int, in_features: int, dtype: torch.dtype):
+        super().__init__()
+        self.offset = nn.Parameter(torch.zeros(out_features, in_features, dtype=dtype))
+        self.register_buffer("hard", torch.zeros(out_features, in_features, dtype=torch.int8))
+
+    def value(self) -> torch.Tensor:
+        """The offsets the quantizer adds: learned where free, ±0.5 where hardened."""
+        with torch.no_grad():  # projection outside autograd, like the channel scales'
+            self.offset.clamp_(-ROUND_RANGE, ROUND_RANGE)
+        if not bool(self.hard.any()):
+            return self.offset
+        return torch.where(self.hard != 0, self.hard.to(self.offset) * ROUND_RANGE, self.offset)
+
+    def quantizer_args(self) -> dict[str, torch.Tensor]:
+        return {"offset": self.value()}
+
+    @property
+    def hardened(self) -> float:
+        """Fraction of entries that are hard."""
+        return float((self.hard != 0).float().mean())
+
+    @torch.no_grad()
+    def harden_(self, scaled: torch.Tensor, fraction: float) -> None:
+        """Harden free entries, most confident first, until `fraction` of all are hard.
+
+        `scaled` is `W / step` [out, in] on the current grid. Confidence is the distance of
+        `scaled + v` from its rounding boundary; an entry keeps the direction it rounds in
+        now, so the codes do not change (up to exact ties of `W / step`)."""
+        total = self.hard.numel()
+        todo = min(total, round(fraction * total)) - int((self.hard != 0).sum())
+        if todo <= 0:
+            return
+        soft = scaled.float() + self.value().float()
+        up = soft.round() > scaled.float().floor()
+        confidence = (soft - soft.floor() - 0.5).abs()
+        confidence[self.hard != 0] = -1.0
+        chosen = torch.topk(confidence.flatten(), todo).indices
+        direction = torch.where(up, 1, -1).to(torch.int8).flatten()
+        self.hard.view(-1)[chosen] = direction[chosen]
+
 
 class ChannelScales(Learnable):
     """Named channel-scaling vectors, all initialised to 1; a block folds each one into the
@@ -148,6 +215,8 @@ def weight_learnables(spec: LayerQuantSpec, out_features: int, in_features: int,
     if spec.lwc and spec.wbits < 16:
         n_groups = 1 if spec.group_size is None else in_features // spec.group_size
         found["clip"] = Clipping(out_features, n_groups)
+    if spec.rounding and spec.wbits < 16:
+        found["round"] = Rounding(out_features, in_features, dtype)
     return found
 
 

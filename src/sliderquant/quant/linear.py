@@ -9,13 +9,17 @@ costs no copy.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sliderquant.quant.learnables import LayerQuantSpec, weight_learnables
-from sliderquant.quant.quantizer import QuantGrid, fake_quantize, weight_grid
+from sliderquant.quant.learnables import Clipping, LayerQuantSpec, Rounding, weight_learnables
+from sliderquant.quant.quantizer import QuantGrid, fake_quantize, quant_params, weight_grid
+from sliderquant.quant.search import search_clipping
+
+L = TypeVar("L", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,11 @@ class QuantLinear(nn.Module):
 
     `W_t`, `b_t` are the (possibly channel-scaled) weight and bias handed in by the block;
     `adjust` applies the weight learnables in order (LoRA: W_t + B @ A * alpha / r), and the
-    quantizer receives what they hand it (clipping logits).
+    quantizer receives what they hand it (clipping logits choose the grid of the adjusted
+    weight, rounding offsets shift `adjusted / step` before rounding).
+
+    While `observing`, full-precision forwards accumulate the second moments of the inputs
+    (per input channel) for a searched start (`search_start`).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: LayerQuantSpec,
@@ -45,6 +53,47 @@ class QuantLinear(nn.Module):
         self.format = spec.weight_format
         self.learnables = nn.ModuleDict(
             weight_learnables(spec, out_features, in_features, weight.dtype, generator))
+        self.input_moments: torch.Tensor | None = None  # sum of x^2 per input channel
+        self.observed_tokens = 0
+
+    def _learnable(self, kind: type[L]) -> L | None:
+        return next((m for m in self.learnables.values() if isinstance(m, kind)), None)
+
+    def observe(self) -> None:
+        """Start accumulating the second moments of full-precision inputs."""
+        self.input_moments = torch.zeros(self.weight.shape[1], device=self.weight.device)
+        self.observed_tokens = 0
+
+    @torch.no_grad()
+    def search_start(self, weight: torch.Tensor) -> None:
+        """Start the clipping at the activation-weighted searched factors of `adjust(weight)`
+        (`weight`: the channel-scaled base weight; unweighted if no input was observed), and
+        stop observing. No-op without clipping."""
+        clip = self._learnable(Clipping)
+        if clip is not None and self.format.bits < 16:
+            importance = (self.input_moments.to(weight.device) / self.observed_tokens
+                          if self.input_moments is not None and self.observed_tokens else None)
+            fmt = self.format
+            upper, lower = search_clipping(self.adjust(weight), fmt.bits, fmt.group_size,
+                                           importance, fmt.symmetric)
+            clip.start_at(upper.to(clip.upper.device), lower.to(clip.lower.device))
+        self.input_moments, self.observed_tokens = None, 0
+
+    @torch.no_grad()
+    def harden_(self, weight: torch.Tensor, fraction: float) -> None:
+        """Harden learned rounding (see `Rounding.harden_`) until `fraction` of it is hard;
+        `weight` is the channel-scaled base weight. No-op without learned rounding."""
+        rounding = self._learnable(Rounding)
+        if rounding is None:
+            return
+        adjusted = self.adjust(weight)
+        args = {k: v for k, v in self._quantizer_args().items() if k != "offset"}
+        fmt = self.format
+        step, _ = quant_params(adjusted, fmt.bits, fmt.group_size, symmetric=fmt.symmetric,
+                               **args)
+        out, n_in = adjusted.shape
+        scaled = (adjusted.reshape(out, step.shape[-2], -1) / step).reshape(out, n_in)
+        rounding.harden_(scaled, fraction)
 
     def adjust(self, weight: torch.Tensor) -> torch.Tensor:
         """`weight` as the quantizer sees it (LoRA merged, …)."""
@@ -62,7 +111,12 @@ class QuantLinear(nn.Module):
         """Fake-quantized `adjust(weight)` at fraction `rate` (differentiable w.r.t. learnables)."""
         fmt = self.format
         return fake_quantize(self.adjust(weight), fmt.bits, rate, fmt.group_size,
-                             symmetric=fmt.symmetric, **self._quantizer_args())
+                                  symmetric=fmt.symmetric, **self._quantizer_args())
+
+    def quantize_input(self, x: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
+        """The input quantizer (per token, `abits`); projections that read the same tensor
+        (q/k/v, gate/up) share one call of it (see quant/blocks.py)."""
+        return fake_quantize(x, self.abits, rate)
 
     @torch.no_grad()
     def folded(self, weight: torch.Tensor) -> tuple[torch.Tensor, QuantGrid | None]:
@@ -81,10 +135,17 @@ class QuantLinear(nn.Module):
         bias: torch.Tensor | None = None,
         rate: float = 1.0,
         quantized: bool = True,
+        input_quantized: bool = False,
     ) -> torch.Tensor:
+        """`input_quantized`: `x` already went through `quantize_input` at this `rate`."""
         if not quantized:
+            if self.input_moments is not None:
+                moments = x.detach().float().pow(2).reshape(-1, x.shape[-1]).sum(0)
+                self.input_moments += moments.to(self.input_moments.device)
+                self.observed_tokens += x.numel() // x.shape[-1]
             return F.linear(x, self.weight, self.bias)
         weight = self.weight if weight is None else weight
         bias = self.bias if bias is None else bias
-        x = fake_quantize(x, self.abits, rate)
+        if not input_quantized:
+            x = self.quantize_input(x, rate)
         return F.linear(x, self.quantized_weight(weight, rate), bias)

@@ -8,6 +8,8 @@ the first `ceil(rate * D)` entries with statistics from the whole row.
 through `fake_quantize` (straight-through rounding, so gradients flow) and folding through
 `weight_grid` (the same codes, kept as a `QuantGrid`). Rounding with the straight-through
 estimator gives exactly `round(t)` in the forward pass, so the two cannot disagree.
+An optional per-entry rounding `offset` (learned rounding, quant/learnables.py `Rounding`)
+is added to `x / step` before rounding on both paths: the codes stay on the same grid.
 """
 
 from __future__ import annotations
@@ -77,11 +79,18 @@ def quantize_codes(
     upper: torch.Tensor | None = None,
     lower: torch.Tensor | None = None,
     symmetric: bool = False,
+    offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes, step, zero) of `x`: codes in [0, 2^b - 1] (float, straight-through gradient)
-    shaped `[..., n_groups, group]`, step and zero `[..., n_groups, 1]`."""
+    shaped `[..., n_groups, group]`, step and zero `[..., n_groups, 1]`.
+
+    `offset` (shaped like `x`, in [-0.5, 0.5]) is added to `x / step` before rounding, so
+    an entry rounds up or down by choice instead of to the nearest level."""
     step, zero = quant_params(x, bits, group_size, upper, lower, symmetric)
-    codes = (round_ste(_grouped(x, group_size) / step) + zero).clamp(0, 2**bits - 1)
+    scaled = _grouped(x, group_size) / step
+    if offset is not None:
+        scaled = scaled + _grouped(offset, group_size)
+    codes = (round_ste(scaled) + zero).clamp(0, 2**bits - 1)
     return codes, step, zero
 
 
@@ -93,6 +102,7 @@ def fake_quantize(
     upper: torch.Tensor | None = None,
     lower: torch.Tensor | None = None,
     symmetric: bool = False,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quantize-dequantize `x` along its last axis; identity for `bits >= 16`.
 
@@ -101,7 +111,7 @@ def fake_quantize(
     """
     if bits >= 16:
         return x
-    codes, step, zero = quantize_codes(x, bits, group_size, upper, lower, symmetric)
+    codes, step, zero = quantize_codes(x, bits, group_size, upper, lower, symmetric, offset)
     out = ((codes - zero) * step).reshape(x.shape)
     if rate < FULL_RATE:
         k = math.ceil(rate * x.shape[-1])
@@ -114,10 +124,11 @@ def weight_grid(
     fmt: WeightFormat,
     upper: torch.Tensor | None = None,
     lower: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
 ) -> QuantGrid:
     """The full (rate 1) quantization of `weight` [out, in] as integer codes on their grid."""
     codes, step, zero = quantize_codes(weight, fmt.bits, fmt.group_size, upper, lower,
-                                       fmt.symmetric)
+                                       fmt.symmetric, offset)
     return QuantGrid(codes.reshape(weight.shape), step.squeeze(-1), zero.squeeze(-1),
                      fmt.bits, fmt.group_size)
 
