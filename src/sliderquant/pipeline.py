@@ -1,5 +1,6 @@
 """The quantize pipeline, independent of how the model was loaded and where results go:
-preflight -> calibration ids -> (rotation) -> (auto schedule) -> quantize every layer
+preflight -> calibration ids -> (rotation) -> (auto schedule) -> (mixed-precision
+allocation) -> quantize every layer
 (span.py: views, capture, windows, fold) -> run-time activation quantizers -> report.
 
 Run folders (checkpoint location, saving, the run record on disk) belong to the caller
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from sliderquant.checkpoint import CheckpointStore
 from sliderquant.config import AUTO_SCHEDULE, ConfigError, QuantConfig
@@ -24,7 +26,12 @@ from sliderquant.fold import install_activation_quantization
 from sliderquant.hardware import default_device, peak_rss_mb
 from sliderquant.models.adapters import DecoderAdapter
 from sliderquant.rotation import rotate_model
-from sliderquant.sensitivity import resolve_auto_schedule
+from sliderquant.sensitivity import (
+    allocate,
+    calibration_loss,
+    check_budget,
+    resolve_auto_schedule,
+)
 from sliderquant.span import quantize_span
 from sliderquant.version import __version__
 
@@ -44,7 +51,26 @@ def preflight(model: torch.nn.Module, config: QuantConfig) -> DecoderAdapter:
     adapter = DecoderAdapter(model)
     adapter.check_context(config.seqlen)
     adapter.check_group_size(config.group_size)
+    if config.allocates:
+        check_budget(model, config)
     return adapter
+
+
+def _progress_bar(show: bool) -> Callable[[str, int, int], None] | None:
+    """A progress callback drawing one tqdm bar (None when progress is not shown)."""
+    if not show:
+        return None
+    bar = None
+
+    def update(what: str, done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=what, unit="scan", dynamic_ncols=True)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -81,7 +107,7 @@ def quantize(
     See `api.quantize` for the rest.
     """
     timings: dict[str, float] = {}
-    began = time.perf_counter()
+    began, began_cpu = time.perf_counter(), time.process_time()
     if isinstance(calib, str):
         config = QuantConfig.from_dict({**config.to_dict(), "calib": calib})
     adapter = preflight(model, config)
@@ -118,14 +144,29 @@ def quantize(
         config, auto = resolve_auto_schedule(model, config, ids)
         timings["auto_schedule_s"] = time.perf_counter() - t
 
+    allocation = None
+    if config.allocates:
+        t = time.perf_counter()
+        cpu = time.process_time()
+        allocation = allocate(model, config, ids, _progress_bar(show_progress))
+        timings["allocation_s"] = time.perf_counter() - t
+        timings["allocation_cpu_s"] = time.process_time() - cpu
+        fingerprint = hashlib.sha256(
+            (fingerprint + allocation.fingerprint()).encode()).hexdigest()[:16]
+
     records, grids = quantize_span(adapter, config, ids, device, store=store,
                                    fingerprint=fingerprint, resume=resume,
                                    on_unit_end=on_unit_end, show_progress=show_progress,
-                                   timings=timings)
+                                   timings=timings,
+                                   formats=allocation.formats if allocation else None)
+    if allocation:  # the loss of the finished weights on the windows the scan measured
+        allocation.record["final_loss"] = calibration_loss(
+            model, ids[:config.alloc_windows], config.inference_batch_size)
     t = time.perf_counter()
     install_activation_quantization(adapter, config.abits, config.quantize_attention)
     timings["fold_s"] += time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - began
+    timings["total_cpu_s"] = time.process_time() - began_cpu  # this process, all threads
     report = {
         "format": RUN_FORMAT,
         "sliderquant_version": __version__,
@@ -134,6 +175,7 @@ def quantize(
         "schedule": make_schedule(config, adapter.num_layers) if config.trains else [],
         "rotation": rotation,
         "auto_schedule": auto,
+        "allocation": allocation.record if allocation else None,
         "calibration": {"source": config.calib, "nsamples": int(ids.shape[0]),
                         "seqlen": int(ids.shape[1]), "seed": config.seed,
                         "tokens": int(ids.numel())},

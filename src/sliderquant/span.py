@@ -17,6 +17,7 @@ from sliderquant.fold import fold_layers
 from sliderquant.models.adapters import DecoderAdapter
 from sliderquant.quant.layer import QuantDecoderLayer
 from sliderquant.quant.learnables import LayerQuantSpec
+from sliderquant.quant.quantizer import WeightFormat
 
 
 def quantize_span(
@@ -33,6 +34,7 @@ def quantize_span(
     on_unit_end: Callable[[WindowRecord], None] | None = None,
     show_progress: bool = True,
     timings: dict[str, float] | None = None,
+    formats: dict[int, dict[str, WeightFormat]] | None = None,
 ) -> tuple[list[WindowRecord], dict[str, torch.Tensor]]:
     """Quantize layers `first`..`last` (inclusive; default all) of `adapter.model` in place
     with `config`, training on the calibration windows `ids` [n, T] (ignored by methods that
@@ -41,13 +43,16 @@ def quantize_span(
     Returns the window records and the grids (see `fold.fold_layers`). `timings` receives
     `capture_s`, `train_s` (trained methods) and `fold_s`. The LoRA initialisation draws
     from one generator seeded with `config.seed`, layer by layer from layer 0, so a layer's
-    start does not depend on the span.
+    start does not depend on the span. `formats` gives projections their own weight format
+    (by layer, then projection name: a mixed-precision allocation).
     """
     last = adapter.num_layers - 1 if last is None else last
     timings = {} if timings is None else timings
-    spec = LayerQuantSpec.from_config(config)
+    formats = formats or {}
     generator = torch.Generator().manual_seed(config.seed)
-    views = [QuantDecoderLayer(adapter.parts(i), spec, generator) for i in range(last + 1)]
+    views = [QuantDecoderLayer(adapter.parts(i),
+                               LayerQuantSpec.from_config(config, formats.get(i)), generator)
+             for i in range(last + 1)]
     for p in adapter.model.parameters():
         p.requires_grad_(False)
 

@@ -13,12 +13,28 @@ from sliderquant.cli.options import (
     torch_dtype,
 )
 from sliderquant.cli.printing import print_perplexity, say
-from sliderquant.config import INTRA_MODES, METHODS, PRESETS, QuantConfig
+from sliderquant.config import (
+    ALLOC_SCORES,
+    ALLOC_UNITS,
+    INTRA_MODES,
+    METHODS,
+    PRESETS,
+    QuantConfig,
+)
 
 NAME = "quantize"
 HELP = "quantize a model, save it, report its perplexity"
 DESCRIPTION = ("Quantize MODEL, fold the learnables into plain weights, save a Hugging Face "
                "folder with sliderquant.json, and evaluate it.")
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    """`2,3` -> (2, 3)."""
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give bit-widths like 2,3") from None
+
 
 # (flag, config key, type, help) for every QuantConfig field settable from the command line.
 _CONFIG_FLAGS: list[tuple[str, str, type, str]] = [
@@ -53,6 +69,15 @@ _CONFIG_FLAGS: list[tuple[str, str, type, str]] = [
      "per fraction (reference code, default) or every fraction inside each window (paper)"),
     ("--inference-batch-size", "inference_batch_size", int,
      "windows per no-grad forward when advancing caches"),
+    ("--avg-bits", "avg_bits", float, "mixed precision: average storage bits per projection "
+     "weight (codes, scales, zero points), spent where a scan says the loss gains most "
+     "(docs/MIXED.md); --wbits is the lowest width"),
+    ("--alloc-unit", "alloc_unit", str, f"{' | '.join(ALLOC_UNITS)}: what one choice of bits "
+     "covers (channel: a share of every projection's rows at the higher width; not exportable)"),
+    ("--alloc-bits", "alloc_bits", _widths, "the widths to choose from, e.g. 2,3 (default "
+     "--wbits and the next width)"),
+    ("--alloc-score", "alloc_score", str, f"{' | '.join(ALLOC_SCORES)}: measured loss change "
+     "of each choice with rounding to nearest (default), or its Fisher estimate"),
 ]
 _CONFIG_SWITCHES: list[tuple[str, str, str]] = [
     ("lwc", "lwc", "learnable weight clipping"),
@@ -63,6 +88,8 @@ _CONFIG_SWITCHES: list[tuple[str, str, str]] = [
     ("rotate", "rotate", "fused norms + random Hadamard rotation (on in the w4a4 preset)"),
     ("center-embeddings", "center_embeddings", "centre embedding rows before rotating (QuaRot)"),
     ("lr-times-batch", "lr_times_batch", "multiply learning rates by the batch size (reference)"),
+    ("alloc-pairs", "alloc_pairs", "measure neighbouring units together (default: for layer "
+     "units with rtn scores)"),
 ]
 
 
@@ -103,6 +130,7 @@ def _config_from_args(args: argparse.Namespace) -> QuantConfig:
 def run(args: argparse.Namespace) -> int:
     from sliderquant import api
     from sliderquant.models.adapters import DecoderAdapter
+    from sliderquant.sensitivity import allocation_summary
 
     config = _config_from_args(args)
     tasks = parse_tasks(args.tasks)
@@ -142,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {loaded.note}")
     if report.get("auto_schedule"):
         print(f"schedule auto: {report['auto_schedule']['reasoning']}")
+    if report.get("allocation"):
+        print(f"allocation: {allocation_summary(report['allocation'])}")
     print_perplexity(entries.get("eval", {}), fp)
     return 0
 

@@ -1,8 +1,10 @@
 """GGUF export for llama.cpp: the learned integer grids written as GGUF blocks.
 
-Each quantized projection goes to its setting's natural type (4-bit -> Q4_1, 2-bit ->
-Q2_K, 3-bit -> Q3_K, 8-bit -> Q8_0). Where the type reproduces the grid, the integer codes
-are written as they are and only the format's fp16 scales round the step; where it cannot
+Each quantized projection goes to the natural type of its own grid's bits (4-bit -> Q4_1,
+2-bit -> Q2_K, 3-bit -> Q3_K, 8-bit -> Q8_0), so a mixed-precision run is written with a
+type per tensor (GGUF's own mixing); `general.file_type` names the most common one. Where
+the type reproduces the grid, the integer codes are written as they are and only the
+format's fp16 scales round the step; where it cannot
 (3-bit rows with a lopsided zero point, group sizes that straddle blocks, Q8_0's missing
 zero point), the blocks are re-quantized to the nearest grid the type offers and the
 error is measured and reported. A row length the type's block does not divide (e.g. 576
@@ -31,6 +33,7 @@ from sliderquant.export.source import (
     ExportError,
     ExportResult,
     TensorReport,
+    grid_bits,
     grid_codes,
     is_quantized,
 )
@@ -126,10 +129,11 @@ def write_gguf(
             name = f"{base}.{suffix}"
             data = _to_llama_layout(arch, name, tensor.detach().float().cpu(), adapter)
             if is_quantized(grids, module) and suffix == "weight":
+                bits = grid_bits(grids, module, config.wbits)
                 s, z, c = (_to_llama_layout(arch, name, torch.from_numpy(a), adapter).numpy()
-                           for a in grid_codes(module, tensor, grids, config.wbits))
-                qtype, encoded, report = _encode_quantized(name, data.numpy(), s, z, c,
-                                                           config.wbits, exact, float_type)
+                           for a in grid_codes(module, tensor, grids, bits))
+                qtype, encoded, report = _encode_quantized(name, data.numpy(), s, z, c, bits,
+                                                           exact, float_type)
                 main_types.append(qtype)
             elif data.dim() == 1:
                 qtype, encoded = T.F32, data.numpy().astype(np.float32)

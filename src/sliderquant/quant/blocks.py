@@ -133,7 +133,8 @@ class QuantBlock(nn.Module):
         self.eps = parts.eps
         self.register_buffer("norm", parts.norm.detach(), persistent=False)
         self.proj = nn.ModuleDict({
-            name: QuantLinear(parts.proj[name].weight, parts.proj[name].bias, spec, generator)
+            name: QuantLinear(parts.proj[name].weight, parts.proj[name].bias, spec, generator,
+                              spec.format_of(name))
             for name in names
         })
         self.scales: ChannelScales | None = None

@@ -17,6 +17,7 @@ per-weight ones. Adding a learnable = a class here, its switch in the spec and i
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -45,21 +46,30 @@ class LayerQuantSpec:
     qk_scaling: bool = True
     down_scaling: bool = True
     quantize_attention: bool = True
+    formats: tuple[tuple[str, WeightFormat], ...] = ()  # per projection, where not the default
 
     @classmethod
-    def from_config(cls, config: QuantConfig) -> LayerQuantSpec:
-        """The spec of a run; a method that trains nothing (`rtn`) gets no LoRA or clipping."""
+    def from_config(cls, config: QuantConfig,
+                    formats: Mapping[str, WeightFormat] | None = None) -> LayerQuantSpec:
+        """The spec of a run; a method that trains nothing (`rtn`) gets no LoRA or clipping.
+        `formats` gives projections their own weight format (a mixed-precision allocation)."""
         return cls(
             wbits=config.wbits, abits=config.abits, group_size=config.group_size,
             symmetric=config.symmetric, lora_rank=config.lora_rank if config.trains else 0,
             lwc=config.lwc and config.trains, channel_scaling=config.channel_scaling,
             qk_scaling=config.qk_scaling, down_scaling=config.down_scaling,
             quantize_attention=config.quantize_attention,
+            formats=tuple(sorted((formats or {}).items())),
         )
 
     @property
     def weight_format(self) -> WeightFormat:
+        """The default weight format of the layer's projections."""
         return WeightFormat(self.wbits, self.group_size, self.symmetric)
+
+    def format_of(self, projection: str) -> WeightFormat:
+        """The weight format of one projection (by its name in the layer)."""
+        return dict(self.formats).get(projection, self.weight_format)
 
 
 class Learnable(nn.Module):
@@ -137,14 +147,16 @@ class ChannelScales(Learnable):
 
 
 def weight_learnables(spec: LayerQuantSpec, out_features: int, in_features: int,
-                      dtype: torch.dtype, generator: torch.Generator | None = None
-                      ) -> dict[str, WeightLearnable]:
-    """The per-weight learnables `spec` asks for, in the order `QuantLinear` applies them."""
+                      dtype: torch.dtype, generator: torch.Generator | None = None,
+                      fmt: WeightFormat | None = None) -> dict[str, WeightLearnable]:
+    """The per-weight learnables `spec` asks for, in the order `QuantLinear` applies them,
+    for a weight in format `fmt` (default: the spec's)."""
+    fmt = fmt or spec.weight_format
     found: dict[str, WeightLearnable] = {}
     if spec.lora_rank > 0:
         found["lora"] = LoRA(out_features, in_features, spec.lora_rank, dtype, generator)
-    if spec.lwc and spec.wbits < 16:
-        n_groups = 1 if spec.group_size is None else in_features // spec.group_size
+    if spec.lwc and fmt.bits < 16:
+        n_groups = 1 if fmt.group_size is None else in_features // fmt.group_size
         found["clip"] = Clipping(out_features, n_groups)
     return found
 

@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from sliderquant.quant.learnables import LayerQuantSpec, weight_learnables
-from sliderquant.quant.quantizer import QuantGrid, fake_quantize, weight_grid
+from sliderquant.quant.quantizer import (
+    QuantGrid,
+    WeightFormat,
+    fake_quantize,
+    fake_quantize_weight,
+    weight_grid,
+)
 
 
 @dataclass(frozen=True)
@@ -32,19 +38,20 @@ class QuantLinear(nn.Module):
 
     `W_t`, `b_t` are the (possibly channel-scaled) weight and bias handed in by the block;
     `adjust` applies the weight learnables in order (LoRA: W_t + B @ A * alpha / r), and the
-    quantizer receives what they hand it (clipping logits).
+    quantizer receives what they hand it (clipping logits). The weight format is `fmt`
+    (default: the spec's), so every projection of a layer may have its own.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: LayerQuantSpec,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, fmt: WeightFormat | None = None):
         super().__init__()
         out_features, in_features = weight.shape
         self.register_buffer("weight", weight.detach(), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
         self.abits = spec.abits
-        self.format = spec.weight_format
-        self.learnables = nn.ModuleDict(
-            weight_learnables(spec, out_features, in_features, weight.dtype, generator))
+        self.format = fmt or spec.weight_format
+        self.learnables = nn.ModuleDict(weight_learnables(
+            spec, out_features, in_features, weight.dtype, generator, self.format))
 
     def adjust(self, weight: torch.Tensor) -> torch.Tensor:
         """`weight` as the quantizer sees it (LoRA merged, …)."""
@@ -60,9 +67,8 @@ class QuantLinear(nn.Module):
 
     def quantized_weight(self, weight: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
         """Fake-quantized `adjust(weight)` at fraction `rate` (differentiable w.r.t. learnables)."""
-        fmt = self.format
-        return fake_quantize(self.adjust(weight), fmt.bits, rate, fmt.group_size,
-                             symmetric=fmt.symmetric, **self._quantizer_args())
+        return fake_quantize_weight(self.adjust(weight), self.format, rate,
+                                    **self._quantizer_args())
 
     @torch.no_grad()
     def folded(self, weight: torch.Tensor) -> tuple[torch.Tensor, QuantGrid | None]:
