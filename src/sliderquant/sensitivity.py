@@ -554,7 +554,7 @@ def _fisher_loss(adapter: DecoderAdapter, fisher: dict[tuple[int, str], torch.Te
 def allocate(model: torch.nn.Module, config: QuantConfig, calib: torch.Tensor,
              progress: Progress | None = None) -> Allocation:
     """Spend `config.avg_bits` over the units of `config.alloc_unit`: score every option of
-    every unit on the first `config.alloc_windows` calibration windows (never evaluation
+    every unit on the first `config.alloc_windows` calibration windows (or all; never evaluation
     data), solve the budgeted choice exactly (allocation.solve), and measure the loss of the
     chosen allocation with every projection rounded to nearest. The model ends as it began.
 

@@ -216,6 +216,11 @@ def engine_notes(widths: tuple[int, ...], group_size: int | None, symmetric: boo
         if act_bits is not None:
             hf += (f"; the int{act_bits} per-token input quantization is simulated "
                    "(fake-quantized), not faster")
+    elif len(widths) > 1:
+        hf = (f"transformers + compressed-tensors: does NOT load this mixed {bits}-bit "
+              "checkpoint correctly: its dequantize route (the only one that reads asymmetric "
+              "zero points) decodes every dense Linear with the first config group's bits "
+              "(transformers 5.24); load it with sliderquant (api.load, sliderquant eval)")
     else:
         hf = ("transformers + compressed-tensors: loads as is on the dequantize route "
               "(compressed-tensors 0.20 cannot read asymmetric zero points on its compressed "
