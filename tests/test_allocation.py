@@ -272,3 +272,21 @@ def test_a_channel_split_is_not_exported(tmp_path):
             api.export(tmp_path / "run", fmt)
     reloaded = api.load(str(tmp_path / "run"))  # the run folder itself is the model
     assert reloaded.run["allocation"]["unit"] == "channel"
+
+
+def test_report_draws_the_allocation_and_the_record_holds_predicted_and_measured_loss(
+        tmp_path, capsys):
+    from sliderquant.cli import main
+
+    cfg = mixed_config(alloc_unit="projection")
+    quantize(tiny_model(layers=4), None, cfg, calib=CALIB, output_dir=tmp_path / "run",
+             show_progress=False)
+    record = json.loads((tmp_path / "run" / "sliderquant.json").read_text())["allocation"]
+    for key in ("fp_loss", "predicted_loss", "rtn_loss", "final_loss"):
+        assert np.isfinite(record[key]), key
+    chosen = sum(record["options"][u][label] for u, label in record["choices"].items())
+    assert record["predicted_loss"] == pytest.approx(record["fp_loss"] + chosen)  # no pairs
+    assert main(["report", str(tmp_path / "run")]) == 0
+    png = tmp_path / "run" / "figures" / "allocation.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "allocation: " in capsys.readouterr().out

@@ -10,7 +10,8 @@ HELP = "draw a run's per-window training losses and its window schedule"
 DESCRIPTION = (
     "From RUN/sliderquant.json: the training loss of every window per epoch, and the "
     "schedule (which layers each window covered, coloured by the loss it ended at). Writes "
-    "RUN/figures/report.png unless --out names another file.")
+    "RUN/figures/report.png unless --out names another file; a mixed-precision run also "
+    "gets allocation.png beside it (bits per projection, predicted vs measured loss).")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sliderquant import api
-    from sliderquant.figures import training
+    from sliderquant.figures import allocation, training
+    from sliderquant.sensitivity import allocation_summary
 
     record = api.read_run_record(args.run)
     cfg = record["config"]
@@ -43,5 +45,9 @@ def run(args: argparse.Namespace) -> int:
           f"{worst[2]:.4g} in window {worst[0]} (layers {worst[1][0]}-{worst[1][-1]})")
     if auto:
         print(f"schedule auto: {auto['reasoning']}")
+    if record.get("allocation"):
+        drawn = allocation(record["allocation"], path.with_name("allocation.png"), title)
+        print(f"allocation: {allocation_summary(record['allocation'])}")
+        print(f"wrote {drawn}")
     print(f"wrote {path}")
     return 0
