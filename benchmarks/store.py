@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from sliderquant.atomic import write_text
@@ -28,3 +29,17 @@ def record_cell(path: Path, meta: dict, key: str, record: dict) -> dict:
 def fmt_ppl(ppl: float) -> str:
     """Perplexity for a table: two decimals, or three significant digits once it is huge."""
     return f"{ppl:.2f}" if ppl < 1e4 else f"{ppl:.3g}"
+
+
+def read_list(path: Path) -> list[dict]:
+    """The records of a list-shaped results file, or [] before the first."""
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def record_in_list(path: Path, record: dict, key: Callable[[dict], str]) -> list[dict]:
+    """Add `record` to a list-shaped results file, replacing the one with the same key;
+    re-read first (as `record_cell`) and written atomically. Returns every record."""
+    records = [r for r in read_list(path) if key(r) != key(record)] + [record]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(records, indent=1))
+    return records

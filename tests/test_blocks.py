@@ -1,6 +1,8 @@
 """The pieces of the redesign: self-describing learnables, QuantLinear over a slice of a fused
 parameter, family entries and the reader, the per-head q/k norm slot of the attention block."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -9,7 +11,7 @@ from torch import nn
 
 from sliderquant.config import QuantConfig
 from sliderquant.families import FAMILIES, find_family
-from sliderquant.families.base import ALL_SCALINGS, AttentionLayout, Family
+from sliderquant.families.qwen3 import QWEN3
 from sliderquant.models.adapters import DecoderAdapter
 from sliderquant.quant.layer import QuantDecoderLayer
 from sliderquant.quant.learnables import (
@@ -106,33 +108,16 @@ def test_family_entries_describe_the_tiny_models(family):
     assert len({f.name for f in FAMILIES}) == len(FAMILIES)
 
 
-# The doc's example entry (docs/ARCHITECTURE.md), used here only to exercise the q/k norm slot.
-QWEN3 = Family(name="qwen3", model_types=("qwen3",), description="Qwen3",
-               gguf_architecture="qwen3",
-               attention=AttentionLayout(q_norm="self_attn.q_norm", k_norm="self_attn.k_norm"),
-               scalings=ALL_SCALINGS - {"qkt"})
-
-
 def tiny_qwen3():
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-        rms_norm_eps=1e-6, use_sliding_window=False))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-    return model.float().eval()
+    return tiny_model("qwen3", layers=2)
 
 
 def test_per_head_qk_norm_slot_matches_transformers_and_drops_qkt():
     model = tiny_qwen3()
     ids = torch.randint(0, 96, (2, 20))
     spec = LayerQuantSpec(wbits=16, abits=16, lora_rank=0, lwc=False, channel_scaling=True)
-    adapter, layers = layers_of(model, spec, QWEN3)
+    adapter, layers = layers_of(model, spec)
+    assert adapter.family is QWEN3
     with torch.no_grad():
         reference = model(ids).logits
     assert torch.allclose(stack_logits(adapter, layers, ids, False), reference, atol=1e-5)
@@ -146,7 +131,7 @@ def test_qkt_is_not_an_equivalent_transformation_under_qk_norm():
     model = tiny_qwen3()
     ids = torch.randint(0, 96, (2, 20))
     spec = LayerQuantSpec(wbits=16, abits=16, lora_rank=0, lwc=False, channel_scaling=True)
-    with_qkt = Family(**{**QWEN3.__dict__, "scalings": ALL_SCALINGS})
+    with_qkt = dataclasses.replace(QWEN3, dropped_scalings=())
     adapter, layers = layers_of(model, spec, with_qkt)
     randomise_learnables(layers, qk_pairs_equal=True)
     fp = stack_logits(adapter, layers, ids, False)

@@ -70,6 +70,17 @@ def test_training_lowers_the_window_loss():
     assert sum(improved) >= 0.8 * len(windows)
 
 
+def test_window_loss_before_and_after_training_are_measured_alike():
+    trained = quantize(tiny_model(layers=4), None, config(epochs=8), calib=CALIB,
+                       show_progress=False).report["windows"]
+    assert all(w["initial_loss"] > 0 and w["final_loss"] > 0 for w in trained)
+    assert sum(w["final_loss"] < w["initial_loss"] for w in trained) >= 0.8 * len(trained)
+    # with nothing to learn the two passes see the same weights: equal to the last bit
+    frozen = quantize(tiny_model(layers=4), None, config(lora_lr=0.0, clip_lr=0.0),
+                      calib=CALIB, show_progress=False).report["windows"]
+    assert all(w["final_loss"] == w["initial_loss"] for w in frozen)
+
+
 def test_rtn_trains_nothing_and_blockwise_uses_single_layer_windows():
     rtn = quantize(tiny_model(), None, config(method="rtn", lwc=False, lora_rank=0),
                    calib=CALIB, show_progress=False)

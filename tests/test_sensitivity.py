@@ -109,9 +109,9 @@ def test_sensitivity_ranges_and_report_commands(data_root, tmp_path, capsys):
     assert main(["quantize", "stories260k", "--data-dir", str(data_root), "--calib",
                  "wikitext2:valid", "--nsamples", "2", "--seqlen", "64", "--epochs", "1",
                  "--batch-size", "2", "--tasks", "none", "--out", str(run), "--quiet"]) == 0
-    assert main(["ranges", str(run), "--data-dir", str(data_root), "--windows", "1",
+    assert main(["ranges", str(run), "--data-dir", str(data_root), "--nsamples", "1",
                  "--seqlen", "64"]) == 0
     assert sorted(p.name for p in (run / "figures").iterdir()) == [
         "ranges_layer0.png", "ranges_layer2.png", "ranges_layer4.png"]
-    assert main(["report", str(run), "--out", str(tmp_path / "r.png")]) == 0
-    assert (tmp_path / "r.png").is_file()
+    assert main(["report", str(run), "--out", str(tmp_path / "figs")]) == 0
+    assert (tmp_path / "figs" / "report.png").is_file()

@@ -117,15 +117,97 @@ def test_eval_command_with_limit(stories, data_root, tmp_path, capsys):
 
 
 def test_task_lists_and_mistakes(capsys, data_root):
-    assert parse_tasks("wikitext2,zeroshot", zeroshot=True) == ("wikitext2", *TASKS)
-    with pytest.raises(ConfigError, match="unknown task"):
-        parse_tasks("piqa")  # quantize's evaluation is perplexity only
-    assert main(["eval", "stories260k", "--data-dir", str(data_root), "--tasks", "piqa",
-                 "--limit", "0"]) == 2
-    assert "--limit must be a positive" in capsys.readouterr().err
+    assert parse_tasks("wikitext2,zeroshot") == ("wikitext2", *TASKS)
+    assert parse_tasks("piqa,gsm8k") == ("piqa", "gsm8k")  # any lm-eval name, checked later
+    with pytest.raises(ConfigError, match="measures perplexity on wikitext2 or c4"):
+        parse_tasks("piqa", perplexity_only=True)
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "stories260k", "--data-dir", str(data_root), "--tasks", "piqa",
+              "--limit", "0"])
+    assert exit_.value.code == 2
+    assert "argument --limit: 0 must be at least 1" in capsys.readouterr().err
     assert main(["eval", "stories260k", "--data-dir", str(data_root), "--tasks", "piqa",
                  "--kl"]) == 2
     assert "--kl is measured on the perplexity sets" in capsys.readouterr().err
+
+
+def test_any_lm_eval_task_unknown_or_without_data_is_one_clear_error(capsys, data_root,
+                                                                     monkeypatch):
+    import datasets
+    import huggingface_hub.constants
+
+    assert main(["eval", "stories260k", "--data-dir", str(data_root), "--tasks",
+                 "wikitext2,no_such_task"]) == 2
+    err = capsys.readouterr().err
+    assert "has no task no_such_task" in err and "lm-eval ls tasks" in err
+    assert "Traceback" not in err
+    # a real lm-eval task with no local copy, while the hub is unreachable
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert main(["eval", "stories260k", "--data-dir", str(data_root), "--tasks",
+                 "lambada_openai", "--limit", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "could not load the data of lm-eval task(s) lambada_openai" in err
+    assert f"the data root {data_root} has local copies of piqa" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_rolling_and_generation_requests_match_a_direct_computation():
+    """loglikelihood_rolling (perplexity-style tasks) and generate_until (GSM8K-style)."""
+    from types import SimpleNamespace
+
+    from sliderquant.eval.zeroshot import ModelLM
+
+    model = tiny_model()  # context 256 positions, vocab 96
+
+    class Tokens:  # a tokenizer over the ids themselves: "3 14 15" <-> [3, 14, 15]
+        eos_token_id, bos_token_id, bos_token, chat_template = 95, 1, None, None
+
+        def encode(self, text, **_):
+            return [int(t) for t in text.split()]
+
+        def decode(self, ids, **_):
+            return " ".join(map(str, ids))
+
+        def __call__(self, text, **_):
+            return {"input_ids": self.encode(text)}
+
+    lm = ModelLM(model, Tokens(), show_progress=False)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, 90, (300,), generator=g).tolist()  # longer than the context
+    (rolling,) = lm.loglikelihood_rolling([SimpleNamespace(args=(" ".join(map(str, ids)),))])
+
+    def score(inputs, target):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([inputs])).logits[0, -len(target):]
+        return torch.log_softmax(logits.float(), -1).gather(
+            -1, torch.tensor(target)[:, None]).sum().item()
+
+    # lm-eval's disjoint windows of the 256-token context: BOS + the first 255 tokens
+    # predict tokens 0..255; tokens 43..298 predict tokens 256..299 from their last 44
+    direct = score([1, *ids[:255]], ids[:256]) + score(ids[43:299], ids[256:300])
+    assert rolling == pytest.approx(direct, rel=1e-4)
+
+    prompt = ids[:10]
+    (text,) = lm.generate_until([SimpleNamespace(args=(" ".join(map(str, prompt)),
+                                                       {"until": ["no stop"],
+                                                        "max_gen_toks": 5}))])
+    greedy = list(prompt)
+    with torch.no_grad():
+        for _ in range(5):
+            greedy.append(int(model(input_ids=torch.tensor([greedy])).logits[0, -1].argmax()))
+    assert text == " ".join(map(str, greedy[10:]))
+
+
+def test_scoring_shared_contexts_warns_of_nothing(stories, data_root):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        api.evaluate_zeroshot(stories.model, stories.tokenizer, ("arc_easy",), limit=2,
+                              data_dir=data_root, show_progress=False)
+    assert not [w for w in caught if "deprecated" in str(w.message)], \
+        [str(w.message) for w in caught]
 
 
 def test_missing_lm_eval_is_a_clear_error(stories, monkeypatch):

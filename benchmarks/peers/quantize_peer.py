@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import shutil
 import time
@@ -99,10 +100,33 @@ def quantize_autoround(model: torch.nn.Module, tokenizer, calib: torch.Tensor,
     if args.abits < 16:
         options.update(act_bits=args.abits, act_group_size=-1, act_sym=False,
                        act_dynamic=True, act_data_type="int")
+    if args.rotate:
+        # auto-round's in-place (QuaRot-style) rotation: norms fused, a random Hadamard
+        # on the residual stream merged into the weights. Full width is impossible on
+        # SmolLM2: the fused path also rotates across the 9 attention heads, and no Hadamard
+        # matrix of order 9 exists; 192 is the largest block that divides 576 and 1536 and
+        # has one. auto-round 0.16.1 also installs online Hadamard hooks on the inputs of
+        # o_proj and down_proj whenever it fuses (allow_online_rotation=False does not stop
+        # them), so it rotates more than sliderquant (offline residual rotation only).
+        # backend "auto" picks the in-place path when fusing is asked for; "inplace" would
+        # mangle "random_hadamard" (it strips an "inplace_" prefix that is not there).
+        options["rotation_config"] = {"backend": "auto", "hadamard_type": "random_hadamard",
+                                      "block_size": 192, "fuse_online_to_weight": True,
+                                      "allow_online_rotation": False}
+        _rotate_outside_inference_mode()
     ar = AutoRound(model, tokenizer, dataset=[row.unsqueeze(0) for row in calib],
                    device_map="cpu", **options)
     ar.quantize()
     return {"options": options}
+
+
+def _rotate_outside_inference_mode() -> None:
+    """auto-round 0.16.1 rotates the weights under torch.inference_mode, and then cannot
+    train them on CPU ("Inference tensors cannot be saved for backward"): run the same
+    rotation under no_grad instead (same arithmetic)."""
+    from auto_round.algorithms.transforms.hadamard.inplace import apply
+
+    apply._rotate_weights = torch.no_grad()(apply._rotate_weights.__wrapped__)
 
 
 def check_grid(model: torch.nn.Module, wbits: int, group_size: int | None) -> None:
@@ -124,6 +148,11 @@ def save_plain(model: torch.nn.Module, fp: Path, out: Path) -> None:
         key = f"{name}.weight"
         tensors[key] = m.weight.detach().to(tensors[key].dtype).contiguous()
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+
+
+def _children_cpu() -> float:
+    t = os.times()
+    return t.children_user + t.children_system
 
 
 @torch.no_grad()
@@ -149,18 +178,31 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=None,
                     help="with --abits: score only the first N windows per set (smoke runs)")
     ap.add_argument("--iters", type=int, default=50, help="auto-round tuning steps per block")
+    ap.add_argument("--rotate", action="store_true",
+                    help="auto-round only: residual-stream Hadamard rotation first (needs --abits)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="calibration ids drawn with this seed (prepare.py --seeds); default: "
+                         "inputs.pt's `calib` (seed 2)")
     ap.add_argument("--batch-size", type=int, default=8, help="auto-round batch size")
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    if args.abits < 16 and args.peer != "autoround":
-        ap.error(f"--abits {args.abits}: only auto-round quantizes activations here")
+    if (args.abits < 16 or args.rotate) and args.peer != "autoround":
+        ap.error("--abits/--rotate: only auto-round quantizes activations here")
+    if args.rotate and args.abits == 16:
+        ap.error("--rotate is for W4A4 here: add --abits 4")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     inputs = torch.load(args.work / "inputs.pt")
+    if args.seed is not None:
+        if args.seed not in inputs.get("calib_by_seed", {}):
+            ap.error(f"no calibration ids for seed {args.seed} in {args.work / 'inputs.pt'}: "
+                     f"run prepare.py --seeds {args.seed}")
+        inputs["calib"] = inputs["calib_by_seed"][args.seed]
+        inputs["calib_source"] = f"{inputs['calib_source'].split(',')[0]}, seed {args.seed}"
     model = AutoModelForCausalLM.from_pretrained(args.work / "fp", dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.work / "fp")
-    began, cpu = time.perf_counter(), time.process_time()
+    began, cpu, children = time.perf_counter(), time.process_time(), _children_cpu()
     if args.peer == "hqq":
         settings = quantize_hqq(model, args)
     elif args.peer == "gptq":
@@ -168,10 +210,13 @@ def main() -> None:
     else:
         settings = quantize_autoround(model, tokenizer, inputs["calib"], args)
     quantize_s, quantize_cpu_s = time.perf_counter() - began, time.process_time() - cpu
+    children = _children_cpu() - children
     check_grid(model, args.wbits, args.group_size)
     record = {
         "peer": DISTS[args.peer], "settings": settings, "quantize_s": round(quantize_s, 1),
         "quantize_cpu_s": round(quantize_cpu_s, 1),
+        # CPU time of finished child processes (e.g. compiler workers), not in quantize_cpu_s
+        "children_cpu_s": round(children, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "versions": {d: version(d) for d in (DISTS[args.peer], "torch", "transformers")},
         "calib": f"{inputs['calib_source']}, {list(inputs['calib'].shape)} token ids",

@@ -109,7 +109,10 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
     python = args.venvs / VENV[cell.peer] / "bin" / "python"
     cmd = [str(python), str(HERE / "quantize_peer.py"), cell.peer, *cell.args,
            "--work", str(args.work), "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    # One thread, and torch.compile's C++ builds (auto-round compiles its block forward at
+    # >= 10 iters) in-process, so that the quantize step's CPU time includes them.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1",
+           "PYTHONPATH": ""}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode != 0:
@@ -118,17 +121,23 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
         record["command"] = _show(cmd, out)
         if "ppl" in record:  # scored in the peer's process (W4A4)
             return record
-        report = out.parent / "eval.json"
-        ev = subprocess.run([sys.executable, "-m", "sliderquant", "eval", str(out), "--quiet",
-                             "--data-dir", args.data_dir, *EVAL, "--json", str(report)],
-                            capture_output=True, text=True)
-        if ev.returncode != 0:
-            return {**record, "error": ev.stderr.strip()[-3000:]}
-        ppl = json.loads(report.read_text())["perplexity"]
-        record["ppl"] = {task: v["ppl"] for task, v in ppl.items()}
-        return record
+        return {**record, **evaluate(out, args.data_dir)}
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
+
+
+def evaluate(model: Path, data_dir: str) -> dict:
+    """`sliderquant eval MODEL` with the shared protocol, one thread: {"ppl": {task: ppl}},
+    or {"error": ...}."""
+    report = model.parent / f"{model.name}-eval.json"
+    ev = subprocess.run([sys.executable, "-m", "sliderquant", "eval", str(model), "--quiet",
+                         "--data-dir", data_dir, *EVAL, "--json", str(report)],
+                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if ev.returncode != 0:
+        return {"error": ev.stderr.strip()[-3000:]}
+    ppl = json.loads(report.read_text())["perplexity"]
+    report.unlink()
+    return {"ppl": {task: v["ppl"] for task, v in ppl.items()}}
 
 
 def installed(venv: Path) -> list[str]:

@@ -12,6 +12,7 @@ ranges.py; what remains here are the run-folder functions and the evaluation ent
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -24,9 +25,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sliderquant.atomic import apply_umask, write_text
+from sliderquant.calibration import calibration_ids, check_source
 from sliderquant.checkpoint import CheckpointError, CheckpointStore
 from sliderquant.config import ConfigError, QuantConfig
-from sliderquant.data import DataError, calibration_ids, resolve_data_root
+from sliderquant.data import DataError, resolve_data_root
 from sliderquant.engine import NonFiniteLossError, WindowRecord
 from sliderquant.eval.divergence import window_divergence
 from sliderquant.eval.perplexity import eval_windows, perplexity_from_nlls, window_nlls
@@ -148,7 +150,8 @@ def load(ref: str, data_dir: str | os.PathLike | None = None,
         abits = compressed.activation_bits(path)
         if abits is not None:
             install_activation_quantization(DecoderAdapter(model), abits,
-                                            bool(marker.get("quantize_attention")))
+                                            bool(marker.get("quantize_attention")),
+                                            bool(marker.get("quantize_router")))
         return LoadedModel(model, tokenizer, source=str(path), run=marker.get("run"),
                            note=f"compressed ({compressed.FORMAT}) checkpoint, weights "
                                 f"unpacked to {str(dtype).removeprefix('torch.')}")
@@ -194,7 +197,7 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32) 
     loaded = load_model(str(path), None, dtype)
     config = QuantConfig.from_dict(run["config"])
     install_activation_quantization(DecoderAdapter(loaded.model), config.abits,
-                                    config.quantize_attention)
+                                    config.quantize_attention, config.quantize_router)
     loaded.run, loaded.note = run, run.get("model_note")
     return loaded
 
@@ -327,30 +330,39 @@ def evaluate_zeroshot(
     show_progress: bool = True,
     batch_tokens: int = 4096,
 ) -> dict:
-    """Zero-shot accuracy through lm-eval (needs the `eval` extra): {task: {"metric"
-    (acc_norm where the task has it, else acc), "value", "stderr", "n" (items scored),
+    """lm-eval tasks (needs the `eval` extra): {task: {"metric" (acc_norm where the task has
+    it, else acc, else its first metric), "value", "stderr", "n" (items scored),
     "n_available", "limit", "metrics" (all), "source" (local file or hub dataset)}}.
 
-    `limit` scores the first N items of each task. With a data root the tasks read its
-    `zeroshot/` copies (see eval/zeroshot_data.py), otherwise lm-eval's hub datasets.
+    `limit` scores the first N items of each task. With a data root the six commonsense
+    tasks read its `zeroshot/` copies (see eval/zeroshot_data.py); every other task, and
+    all of them without a data root, read lm-eval's hub datasets.
     """
-    unknown = [t for t in tasks if t not in ZEROSHOT_TASKS]
-    if unknown:
-        raise ConfigError(f"unknown zero-shot task(s) {unknown}; available: "
-                          f"{', '.join(ZEROSHOT_TASKS)}")
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be a positive number of items (got {limit})")
     data_root = resolve_data_root(data_dir)
+    DecoderAdapter(model)
+    return _lm_eval().run_tasks(model, tokenizer, tuple(tasks), limit, data_root, batch_tokens,
+                                show_progress)
+
+
+def check_tasks(tasks: tuple[str, ...]) -> None:
+    """ConfigError for lm-eval task names the harness does not know (instant for the six
+    local tasks; other names index all of lm-eval's tasks, ~25 s)."""
+    _lm_eval().check_tasks(tasks)
+
+
+def _lm_eval():
+    """The lm-eval bridge module (imported by name: a package attribute left by an earlier
+    import would hide a module that can no longer be imported)."""
     try:
-        from sliderquant.eval.zeroshot import run_tasks
+        zeroshot = importlib.import_module("sliderquant.eval.zeroshot")
     except (ImportError, AttributeError) as e:  # absent, or a version that breaks on import
         raise MissingExtraError(
-            f"zero-shot tasks need the lm-eval version pinned in the `eval` extra (import "
+            f"lm-eval tasks need the lm-eval version pinned in the `eval` extra (import "
             f"failed: {e}); install it with: pip install 'sliderquant[eval]' (pip install -e "
             "'.[eval]' in a checkout)") from e
-    DecoderAdapter(model)
-    return run_tasks(model, tokenizer, tuple(tasks), limit, data_root, batch_tokens,
-                     show_progress)
+    return zeroshot
 
 
 def sensitivity(
@@ -377,48 +389,75 @@ def ranges(
     windows: int = 2,
     seqlen: int = 512,
     calib: str | None = None,
+    chat_template: bool | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[int, dict[str, dict[str, tuple[list[float], list[float]]]]]:
     """Weight and activation ranges (see ranges.py) of the first, a middle and the last
     layer, in the run's source FP model and in the run's quantized model:
     {layer: {projection: {"weight": (before, after), "activation": (before, after)}}}.
 
     Activations come from `windows` calibration windows of `seqlen` tokens drawn like the
-    run's own (its calibration source and seed; `calib` overrides the source)."""
+    run's own (its calibration source, chat template and seed; `calib` and `chat_template`
+    override them), computed on `device` (default: where the models load)."""
     run = read_run_record(run_dir)
-    quantized = load_quantized(run_dir)
-    source = source_model(run, data_dir)
     config = QuantConfig.from_dict(run["config"])
-    source_name = calib or run["calibration"]["source"]
+    source_name = calib or (run.get("calibration") or {}).get("source", config.calib)
     if source_name == "tensor":
         raise ConfigError("the run was calibrated on a tensor of ids; name calibration data "
                           "with --calib")
-    config = QuantConfig.from_dict({**config.to_dict(), "calib": source_name,
-                                    "nsamples": windows, "seqlen": seqlen, "batch_size": 1})
-    ids = calibration_ids(source.tokenizer, config, resolve_data_root(data_dir))
+    config = QuantConfig.from_dict({
+        **config.to_dict(), "calib": source_name, "nsamples": windows, "seqlen": seqlen,
+        "batch_size": 1,
+        "chat_template": config.chat_template if chat_template is None else chat_template})
+    data_root = resolve_data_root(data_dir)
+    check_source(config.calib, data_root, config.chat_template)
+    quantized = load_quantized(run_dir)
+    source = source_model(run, data_dir)
+    if device is not None:
+        quantized.model.to(device)
+        source.model.to(device)
+    ids = calibration_ids(source.tokenizer, config, data_root)
     return compare_ranges(source.model, quantized.model, ids)
 
 
 def fp_reference(
     model: torch.nn.Module,
     tokenizer,
-    datasets: tuple[str, ...],
+    tasks: tuple[str, ...],
     seqlen: int = 2048,
     max_windows: int | None = None,
     data_dir: str | os.PathLike | None = None,
     show_progress: bool = True,
+    limit: int | None = None,
 ) -> dict:
-    """`evaluate_perplexity` of an unquantized model, cached on disk by model content and
-    protocol (the FP numbers never change, and on a CPU they cost minutes)."""
+    """{task: result} of an unquantized model: `evaluate_perplexity` for the perplexity sets,
+    `evaluate_zeroshot` for lm-eval tasks; cached on disk by model content and protocol (the
+    FP numbers never change, and on a CPU they cost minutes)."""
+    from sliderquant.eval.perplexity import DATASETS
+
     root = resolve_data_root(data_dir)
     key = f"{model_fingerprint(model)}-{seqlen}-{max_windows or 'all'}-{root or 'hub'}"
     path = cache_dir() / "fp_eval" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
     cached = json.loads(path.read_text()) if path.is_file() else {}
-    missing = tuple(d for d in datasets if d not in cached)
-    if missing:
-        cached.update(evaluate_perplexity(model, tokenizer, missing, seqlen, max_windows,
-                                          data_dir, show_progress))
+    perplexity_sets = tuple(t for t in tasks if t in DATASETS and t not in cached)
+    if perplexity_sets:
+        cached.update(evaluate_perplexity(model, tokenizer, perplexity_sets, seqlen,
+                                          max_windows, data_dir, show_progress))
+    results = {t: cached[t] for t in tasks if t in DATASETS}
+    lm_eval_tasks = tuple(t for t in tasks if t not in DATASETS)
+    names = {t: f"{t}@limit={limit or 'all'}" for t in lm_eval_tasks}
+    fresh = [t for t in lm_eval_tasks if names[t] not in cached]
+    if not fresh:
+        results.update({t: cached[names[t]] for t in lm_eval_tasks})
+    else:
+        scores = evaluate_zeroshot(model, tokenizer, lm_eval_tasks, limit, data_dir,
+                                   show_progress)
+        results.update(scores)
+        if set(scores) == set(lm_eval_tasks):  # a group's results are its tasks': not cached
+            cached.update({names[t]: scores[t] for t in lm_eval_tasks})
+    if perplexity_sets or fresh:
         write_text(path, json.dumps(cached, indent=1))
-    return {d: cached[d] for d in datasets}
+    return results
 
 
 def _prepare_output(out: Path, resume: bool, overwrite: bool) -> CheckpointStore:

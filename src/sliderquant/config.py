@@ -1,7 +1,12 @@
-"""QuantConfig: every setting of a quantization run, with presets, validation and YAML I/O.
+"""QuantConfig: every setting of a quantization run, with schemes, presets, validation and
+YAML I/O.
 
-This is the *what* of a run; the engine is the *how*. Validate once at the edge
-(`QuantConfig.validate`), then trust the values everywhere else.
+This is the *what* of a run; the engine is the *how*. A *scheme* (`W4A16`, `W2A16G64`, …,
+the names auto-round and llm-compressor use) says what the quantized model is: weight and
+activation bits, group size, symmetric or not. A *preset* (`w4a16 w3a16 w2a16 w4a4`) is a
+training recipe on top of it: epochs, learning rates, learnables, rotation. Values are
+coerced to their field's type and validated once at the edge (`QuantConfig.from_dict`),
+then trusted everywhere else.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +46,7 @@ class QuantConfig:
     abits: int = 16
     group_size: int | None = None
     symmetric: bool = False  # weight grid with the fixed zero point 2^(wbits-1) (GGUF Q4_0's)
+    scheme: str | None = None  # the named scheme the four fields above came from (SCHEMES)
     # learnables
     lora_rank: int = 4
     lwc: bool = True
@@ -47,6 +54,7 @@ class QuantConfig:
     qk_scaling: bool = True
     down_scaling: bool = True
     quantize_attention: bool = True
+    quantize_router: bool = False  # MoE routers: full precision unless asked
     # model preparation (W4A4): fused norms + random Hadamard on the residual stream
     rotate: bool = False
     center_embeddings: bool = True
@@ -67,6 +75,7 @@ class QuantConfig:
     lr_times_batch: bool = True
     # calibration
     calib: str = "wikitext2:train"
+    chat_template: bool = False  # render `messages` conversations with the tokenizer's template
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 2
@@ -91,30 +100,59 @@ class QuantConfig:
         return tuple(PRESETS)
 
     @classmethod
-    def from_preset(cls, name: str, fast: bool = False, **overrides: Any) -> QuantConfig:
-        """A preset (`w4a16 w3a16 w2a16 w4a4`), optionally `fast`, then `overrides` on top.
+    def from_preset(cls, name: str | None = None, fast: bool = False,
+                    scheme: str | None = None, **overrides: Any) -> QuantConfig:
+        """A preset (`w4a16 w3a16 w2a16 w4a4`), optionally `fast`, on top of a `scheme`
+        (see SCHEMES), then `overrides` on top.
 
-        A `method` override also applies that method's defaults (baselines train one
-        intra-layer stage; `rtn` trains nothing) unless they are overridden too.
+        Without a preset, a scheme takes the recipe for its bits (`recipe_for`); without
+        either, the preset is w4a16 (per-channel asymmetric weights, as in the paper). A
+        preset that is not the scheme's recipe, or an override that contradicts the scheme
+        (`wbits`, `abits`, `group_size`, `symmetric`), is a ConfigError. A `method` override
+        also applies that method's defaults (baselines train one intra-layer stage; `rtn`
+        trains nothing) unless they are overridden too.
         """
-        if name not in PRESETS:
+        if name is not None and name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        if scheme is not None:
+            scheme, fields = parse_scheme(scheme)
+            recipe = recipe_for(fields["wbits"], fields["abits"])
+            if name is not None and name != recipe:
+                raise ConfigError(
+                    f"--scheme {scheme} ({_describe(fields)}) trains with the {recipe} recipe, "
+                    f"but --preset {name} is the recipe for {_describe(PRESETS[name])} runs; "
+                    f"drop --preset (the scheme picks {recipe}) or choose a scheme with the "
+                    "preset's bits")
+            name = recipe
+        name = name or "w4a16"
         values: dict[str, Any] = dict(PRESETS[name])
         if fast:
             values.update(FAST)
             values.update(FAST_BY_PRESET.get(name, {}))
         method = overrides.get("method", "sliderquant")
         values.update(METHOD_DEFAULTS.get(method, {}))
+        if scheme is not None:  # the scheme's fields replace the recipe's bits
+            for key in SCHEME_FIELDS:
+                values.pop(key, None)
+            values["scheme"] = scheme
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["preset"] = f"{name}-fast" if fast else name
         return cls.from_dict(values)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> QuantConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        """A validated config from key/value pairs (a YAML file, a run record, keywords):
+        each value is coerced to its field's type (YAML's `1e-4` is a string: it becomes a
+        float); a `scheme` fills in its fields, which must not contradict it."""
+        known = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
         if unknown:
             raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        values = {key: _coerce(key, known[key], value) for key, value in values.items()}
+        if values.get("scheme") is not None:
+            values["scheme"], fields = parse_scheme(values["scheme"])
+            for key, value in fields.items():
+                values.setdefault(key, value)
         config = cls(**values)
         config.validate()
         return config
@@ -195,6 +233,15 @@ class QuantConfig:
     # ---- validation ---------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ConfigError on the first invalid setting, with what to do instead."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{_flag(f.name)} {value}: must be a finite number")
+        if self.scheme is not None:
+            name, fields = parse_scheme(self.scheme)
+            for key, value in fields.items():
+                if getattr(self, key) != value:
+                    raise ConfigError(_contradiction(name, key, getattr(self, key), value))
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         for name in ("wbits", "abits"):
@@ -209,6 +256,8 @@ class QuantConfig:
             raise ConfigError(f"group_size={self.group_size} must be a power of two (e.g. 64, 128)")
         if self.intra_mode not in INTRA_MODES:
             raise ConfigError(f"intra_mode must be one of {', '.join(INTRA_MODES)}")
+        if self.symmetric and self.wbits >= 16:
+            raise ConfigError("symmetric describes the weight grid; it needs wbits < 16")
         positive = ("shallow", "deep", "window_size", "stride", "intra_stages", "epochs",
                     "batch_size", "nsamples", "seqlen", "inference_batch_size")
         for name in positive:
@@ -296,3 +345,136 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "blockwise": {"intra_stages": 1, "window_size": 1, "stride": 1},
     "rtn": {"intra_stages": 1, "lwc": False, "lora_rank": 0, "channel_scaling": False},
 }
+
+
+# ---- schemes ----------------------------------------------------------------------------
+SCHEME_FIELDS = ("wbits", "abits", "group_size", "symmetric")
+
+
+def _scheme(wbits: int, abits: int, group_size: int | None, symmetric: bool = True) -> dict:
+    return {"wbits": wbits, "abits": abits, "group_size": group_size, "symmetric": symmetric}
+
+
+# The scheme names of auto-round (auto_round/schemes.py PRESET_SCHEMES) and llm-compressor
+# (compressed-tensors quant_scheme.py PRESET_SCHEMES), mapped onto QuantConfig. Both spell
+# W{b}A16 as groups of 128 with a symmetric grid; auto-round adds G64/G32 variants
+# (W{b}A16G{g}); G128 here spells out the default. Weight + activation schemes follow
+# compressed-tensors: W{b}A4 / W{b}A8 groups of 128 symmetric, W8A8 one symmetric scale per
+# output channel; activations are quantized per token (sliderquant's activation grid is
+# asymmetric: ALGORITHM.md §5.1). A `_SYM` / `_ASYM` suffix picks the weight grid
+# (llm-compressor's W4A16_ASYM; auto-round's --asym), e.g. W2A16G64_ASYM.
+SCHEMES: dict[str, dict] = {
+    "W2A16": _scheme(2, 16, 128),
+    "W2A16G32": _scheme(2, 16, 32),
+    "W2A16G64": _scheme(2, 16, 64),
+    "W2A16G128": _scheme(2, 16, 128),
+    "W3A16": _scheme(3, 16, 128),
+    "W3A16G32": _scheme(3, 16, 32),
+    "W3A16G64": _scheme(3, 16, 64),
+    "W3A16G128": _scheme(3, 16, 128),
+    "W4A16": _scheme(4, 16, 128),
+    "W4A16G32": _scheme(4, 16, 32),
+    "W4A16G64": _scheme(4, 16, 64),
+    "W4A16G128": _scheme(4, 16, 128),
+    "W8A16": _scheme(8, 16, 128),
+    "W8A16G32": _scheme(8, 16, 32),
+    "W8A16G64": _scheme(8, 16, 64),
+    "W8A16G128": _scheme(8, 16, 128),
+    "W2A4": _scheme(2, 4, 128),
+    "W3A4": _scheme(3, 4, 128),
+    "W4A4": _scheme(4, 4, 128),
+    "W2A8": _scheme(2, 8, 128),
+    "W3A8": _scheme(3, 8, 128),
+    "W4A8": _scheme(4, 8, 128),
+    "W8A8": _scheme(8, 8, None),
+}
+_SUFFIXES = {"_SYM": True, "_ASYM": False}
+
+
+def parse_scheme(name: str) -> tuple[str, dict]:
+    """(canonical name, QuantConfig fields) of a scheme name, case-insensitive."""
+    canonical = name.strip().upper()
+    base, symmetric = canonical, True
+    for suffix, value in _SUFFIXES.items():
+        if canonical.endswith(suffix):
+            base, symmetric = canonical.removesuffix(suffix), value
+    if base not in SCHEMES:
+        raise ConfigError(f"unknown scheme {name!r}; choose one of {', '.join(SCHEMES)}, "
+                          "optionally with _SYM or _ASYM (e.g. W4A16_ASYM)")
+    return canonical, {**SCHEMES[base], "symmetric": symmetric}
+
+
+def recipe_for(wbits: int, abits: int) -> str:
+    """The preset that trains a scheme of these bits: w4a4 when activations are quantized,
+    else w2a16 / w3a16 for 2 / 3 bits and w4a16 for 4 and 8 bits."""
+    if abits < 16:
+        return "w4a4"
+    return {2: "w2a16", 3: "w3a16"}.get(wbits, "w4a16")
+
+
+def _describe(fields: dict) -> str:
+    """"4-bit weight-only" / "4-bit weights, 4-bit activations"."""
+    if fields["abits"] >= 16:
+        return f"{fields['wbits']}-bit weight-only"
+    return f"{fields['wbits']}-bit weights, {fields['abits']}-bit activations"
+
+
+def _flag(key: str) -> str:
+    """The command-line flag of a config key (every key is settable as --key-with-dashes)."""
+    return "--" + key.replace("_", "-")
+
+
+def _contradiction(scheme: str, key: str, value: Any, wanted: Any) -> str:
+    """The error for a setting that contradicts the scheme, naming the scheme that has it."""
+    target = {**parse_scheme(scheme)[1], key: value}
+    matches = [n for n, f in SCHEMES.items() if {**f, "symmetric": target["symmetric"]} == target]
+    hint = (f"use --scheme {matches[0]}{'' if target['symmetric'] else '_ASYM'}" if matches
+            else f"drop {_flag(key)}")
+    given = (_flag(key) if value else f"--no-{_flag(key)[2:]}") if isinstance(value, bool) \
+        else f"{_flag(key)} {value}"
+    return (f"{given} contradicts --scheme {scheme}, which sets {key} = "
+            f"{'per-channel' if wanted is None else wanted}; {hint} (or leave out --scheme)")
+
+
+def _coerce(key: str, kind: str, value: Any) -> Any:
+    """`value` as the type named by the field annotation `kind`, or a ConfigError."""
+    if value is None:
+        if "None" in kind:
+            return None
+        raise ConfigError(f"{key}: a value is required (got null)")
+    base = kind.split("|")[0].strip()
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not true or false")
+    if base == "str":
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not a string")
+    if base == "int":
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: {value!r} is not a whole number")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        if isinstance(value, int):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not a whole number")
+    if base == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                raise ConfigError(f"{key}: {value!r} is not a number") from None
+        else:
+            raise ConfigError(f"{key}: {value!r} is not a number")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: {value!r} must be a finite number")
+        return number
+    raise AssertionError(f"QuantConfig.{key} has an unhandled type {kind}")

@@ -29,6 +29,9 @@ from sliderquant.quant.learnables import optimiser_groups
 from sliderquant.schedule import Window, build_schedule, check_coverage, fixed, parse_schedule
 
 MAX_RETRIES = 2  # a window whose loss turns non-finite is retried this often at half the LR
+# rows of the calibration set the before/after loss passes run on: enough for a stable mean
+# squared error, few enough that two no-grad passes per window stay cheap next to training
+LOSS_PASS_ROWS = 4
 
 
 class NonFiniteLossError(RuntimeError):
@@ -53,6 +56,11 @@ class WindowRecord:
     epoch_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     retries: int = 0
+    # the window's loss before its first step (learnables at their start, e.g. RTN grids)
+    # and after its last one: each a no-grad pass over the first LOSS_PASS_ROWS calibration
+    # rows at the window's last quantized fraction, so the two are measured the same way
+    initial_loss: float | None = None
+    final_loss: float | None = None
 
 
 def make_schedule(config: QuantConfig, num_layers: int) -> list[Window]:
@@ -176,18 +184,17 @@ class Engine:
 
     @torch.no_grad()
     def _forward(self, layer_ids, x: torch.Tensor, quantized: bool, rate: float) -> torch.Tensor:
-        """Run `x` (host) through the given layers in inference chunks; result on the host."""
-        layer_ids = list(layer_ids)
-        if not layer_ids:
-            return x
-        out = torch.empty_like(x)
-        size = self.config.inference_batch_size
-        with self._placed([self.layers[i] for i in layer_ids]), self._autocast():
-            for lo in range(0, x.shape[0], size):
-                h = x[lo:lo + size].to(self.device)
-                for i in layer_ids:
-                    h = self.layers[i](h, self.cos, self.sin, quantized, rate)
-                out[lo:lo + size] = h.to(out.dtype).to(out.device)
+        """Run `x` (host) through the given layers in inference chunks; result on the host.
+        One layer visits the device at a time, so catching up over many layers (a resumed
+        run, the FP targets of a late window) stays within one layer's memory there."""
+        out, size = x, self.config.inference_batch_size
+        for n, i in enumerate(layer_ids):
+            source, out = out, (torch.empty_like(x) if n == 0 else out)
+            with self._placed([self.layers[i]]), self._autocast():
+                for lo in range(0, x.shape[0], size):
+                    h = self.layers[i](source[lo:lo + size].to(self.device), self.cos, self.sin,
+                                       quantized, rate)
+                    out[lo:lo + size] = h.to(out.dtype).to(out.device)
         return out
 
     def _fp_state(self, cache: dict[int, torch.Tensor], position: int) -> torch.Tensor:
@@ -207,11 +214,14 @@ class Engine:
             began = time.perf_counter()
             try:
                 with self._placed(layers):
+                    final_rate = unit.train_rates[-1]
+                    record.initial_loss = self._loss(layers, xq, target, final_rate)
                     for k, rate in enumerate(unit.train_rates):
                         generator = torch.Generator().manual_seed(
                             self.config.seed * 1_000_003 + index * 17 + k)
                         record.epoch_losses += self._optimise(layers, xq, target, rate,
                                                               generator, lr_factor, bar)
+                    record.final_loss = self._loss(layers, xq, target, final_rate)
                 record.seconds = time.perf_counter() - began
                 return record
             except NonFiniteLossError:
@@ -231,6 +241,21 @@ class Engine:
             bar.refresh()
             tqdm.write(f"non-finite loss in window {unit.window}: restored its learnables, "
                        f"retrying at {lr_factor:g}x the learning rate")
+
+    @torch.no_grad()
+    def _loss(self, layers, xq, target, rate) -> float:
+        """Mean squared error of the window's quantized output on the first LOSS_PASS_ROWS
+        calibration rows, in inference chunks (the mean an epoch's loss takes)."""
+        xq, target = xq[:LOSS_PASS_ROWS], target[:LOSS_PASS_ROWS]
+        total, size = 0.0, self.config.inference_batch_size
+        with self._autocast():
+            for lo in range(0, xq.shape[0], size):
+                h = xq[lo:lo + size].to(self.device)
+                for layer in layers:
+                    h = layer(h, self.cos, self.sin, True, rate)
+                y = target[lo:lo + size].to(self.device)
+                total += F.mse_loss(h.float(), y.float(), reduction="sum").item()
+        return total / target.numel()
 
     def _optimise(self, layers, xq, target, rate, generator, lr_factor, bar) -> list[float]:
         cfg = self.config

@@ -84,22 +84,39 @@ def ranges(data: dict, path: str | Path, title: str) -> Path:
 
 def training(windows: list[dict], num_layers: int, path: str | Path, title: str) -> Path:
     """Left: every epoch's loss in training order (one segment per window, coloured by
-    window index; dotted lines between intra-layer stages). Right: the schedule — one column
-    per window, its layers filled with the loss it ended at."""
+    window index, starting from an open circle at the window's loss before training and
+    ending at a square at its loss after training, where the record has them; dotted lines
+    between intra-layer stages). Right: the schedule — one column per window, its layers
+    filled with the loss it ended at."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8),
                                       gridspec_kw={"width_ratios": [1, 1.3]})
     stages = sorted({w["stage"] for w in windows})
     count = max(w["window"] for w in windows) + 1
     cmap = plt.get_cmap("viridis")
     x, stage = 0, windows[0]["stage"]
+    started = ended = False
     for w in windows:
         losses = w["epoch_losses"]
         if w["stage"] != stage:
             left.axvline(x + 0.5, color="gray", linestyle=":", linewidth=1)
             stage = w["stage"]
+        colour = cmap(w["window"] / max(count - 1, 1))
+        if w.get("initial_loss") and losses:
+            left.plot([x + 0.5, x + 1], [w["initial_loss"], losses[0]], linewidth=0.8,
+                      linestyle="--", color=colour)
+            left.plot([x + 0.5], [w["initial_loss"]], marker="o", markersize=4,
+                      markerfacecolor="none", color=colour,
+                      label=None if started else "before training")
+            started = True
         left.plot(range(x + 1, x + len(losses) + 1), losses, linewidth=1, marker=".",
-                  color=cmap(w["window"] / max(count - 1, 1)))
+                  color=colour)
+        if w.get("final_loss") and losses:
+            left.plot([x + len(losses) + 0.5], [w["final_loss"]], marker="s", markersize=3,
+                      color=colour, label=None if ended else "after training")
+            ended = True
         x += len(losses)
+    if started or ended:
+        left.legend(fontsize=8, loc="upper right")
     left.set_yscale("log")
     left.set_xlabel("epoch, in training order (window after window"
                     + (f"; {len(stages)} stages" if len(stages) > 1 else "") + ")")

@@ -13,7 +13,12 @@ import torch
 
 from sliderquant.models.adapters import DecoderAdapter
 from sliderquant.quant.layer import QuantDecoderLayer
-from sliderquant.quant.runtime import ActQuantLinear, register_attention
+from sliderquant.quant.runtime import (
+    ActQuantLinear,
+    quantize_router_input,
+    register_attention,
+    register_experts,
+)
 
 
 @torch.no_grad()
@@ -31,8 +36,9 @@ def fold_layers(
     grids: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(layers, start=first):
         folded, layer_grids = layer.folded_weights()  # all computed before anything is written
+        paths = adapter.projection_paths(i)
         for name, grid in layer_grids.items():
-            path = adapter.linear_path(i, name)
+            path = paths[name]
             grids[f"{path}.step"], grids[f"{path}.zero"] = grid.step, grid.zero
             grids[f"{path}.bits"] = (torch.tensor([grid.bits]) if grid.row_bits is None
                                      else grid.row_bits.cpu())
@@ -44,14 +50,27 @@ def fold_layers(
 
 
 def install_activation_quantization(
-    adapter: DecoderAdapter, abits: int, quantize_attention: bool = True
+    adapter: DecoderAdapter, abits: int, quantize_attention: bool = True,
+    quantize_router: bool = False,
 ) -> None:
-    """Quantize every projection's input (and q/k/v in attention) per token at run time."""
+    """Quantize every projection's input (and q/k/v in attention) per token at run time: Linear
+    projections are wrapped, fused experts run through a registered experts implementation
+    that quantizes their inputs, a quantized router gets its input quantized."""
     if abits >= 16:
         return
+    model = adapter.model
+    moe = False
     for i in range(adapter.num_layers):
         for name, lin in adapter.linears(i).items():
             if not isinstance(lin, ActQuantLinear):
                 adapter.set_linear(i, name, ActQuantLinear(lin, abits))
         adapter.attention_module(i).sliderquant_abits = abits if quantize_attention else 16
-    adapter.model.set_attn_implementation(register_attention())
+        experts = adapter.experts_module(i)
+        if experts is not None:
+            moe = True
+            experts.sliderquant_abits = abits
+            if quantize_router:
+                quantize_router_input(adapter.router_module(i), abits)
+    model.set_attn_implementation(register_attention())
+    if moe:
+        model.set_experts_implementation(register_experts())

@@ -18,10 +18,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from sliderquant.calibration import calibration_ids
 from sliderquant.checkpoint import CheckpointStore
 from sliderquant.config import AUTO_SCHEDULE, ConfigError, QuantConfig
-from sliderquant.data import calibration_ids, resolve_data_root
+from sliderquant.data import resolve_data_root
 from sliderquant.engine import WindowRecord, make_schedule
+from sliderquant.expert_coverage import ExpertCoverage
 from sliderquant.fold import install_activation_quantization
 from sliderquant.hardware import default_device, peak_rss_mb
 from sliderquant.models.adapters import DecoderAdapter
@@ -49,7 +51,8 @@ def preflight(model: torch.nn.Module, config: QuantConfig) -> DecoderAdapter:
     """Check that `config` fits `model` before any expensive work; return its adapter."""
     config.validate()
     adapter = DecoderAdapter(model)
-    adapter.check_context(config.seqlen)
+    if config.trains:  # round-to-nearest reads no calibration windows
+        adapter.check_context(config.seqlen)
     adapter.check_group_size(config.group_size)
     if config.allocates:
         check_budget(model, config)
@@ -71,6 +74,21 @@ def _progress_bar(show: bool) -> Callable[[str, int, int], None] | None:
             bar.close()
 
     return update
+
+
+def family_report(adapter: DecoderAdapter, config: QuantConfig) -> dict:
+    """The model's family and the channel scalings this run asked for that the family drops
+    (not equivalent transformations there), each with the reason. The run goes on without
+    them: `qk_scaling` is on by default, so a refusal would stop every default W4A4 run."""
+    asked = set()
+    if config.channel_scaling:
+        asked = {"qkv", "out", "fc1"} | ({"qkt"} if config.qk_scaling else set()) | \
+            ({"fc2"} if config.down_scaling else set())
+    family = adapter.family
+    return {"name": family.name,
+            "moe_layers": sum(adapter.is_moe(i) for i in range(adapter.num_layers)),
+            "dropped_scalings": {name: why for name, why in family.dropped_scalings
+                                 if name in asked}}
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -125,8 +143,10 @@ def quantize(
                               f"{list(ids.shape)})")
         config = QuantConfig.from_dict({**config.to_dict(), "calib": "tensor",
                                         "nsamples": ids.shape[0]})
-    else:
+    elif config.trains:
         ids = calibration_ids(tokenizer, config, data_root)
+    else:  # round-to-nearest needs no data
+        ids = torch.empty(0, config.seqlen, dtype=torch.long)
     timings["calibration_data_s"] = time.perf_counter() - t
     fingerprint = hashlib.sha256(
         (config.fingerprint() + model_fingerprint(model)).encode()
@@ -139,7 +159,7 @@ def quantize(
         timings["rotation_s"] = time.perf_counter() - t
 
     auto = None
-    if config.schedule == AUTO_SCHEDULE:
+    if config.schedule == AUTO_SCHEDULE and config.trains:
         t = time.perf_counter()
         config, auto = resolve_auto_schedule(model, config, ids)
         timings["auto_schedule_s"] = time.perf_counter() - t
@@ -154,16 +174,18 @@ def quantize(
         fingerprint = hashlib.sha256(
             (fingerprint + allocation.fingerprint()).encode()).hexdigest()[:16]
 
+    coverage: list[ExpertCoverage] = []
     records, grids = quantize_span(adapter, config, ids, device, store=store,
                                    fingerprint=fingerprint, resume=resume,
                                    on_unit_end=on_unit_end, show_progress=show_progress,
-                                   timings=timings,
+                                   timings=timings, coverage=coverage,
                                    formats=allocation.formats if allocation else None)
     if allocation:  # the loss of the finished weights on the windows the scan measured
         allocation.record["final_loss"] = calibration_loss(
             model, ids[:config.alloc_windows], config.inference_batch_size)
     t = time.perf_counter()
-    install_activation_quantization(adapter, config.abits, config.quantize_attention)
+    install_activation_quantization(adapter, config.abits, config.quantize_attention,
+                                    config.quantize_router)
     timings["fold_s"] += time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - began
     timings["total_cpu_s"] = time.process_time() - began_cpu  # this process, all threads
@@ -176,15 +198,19 @@ def quantize(
         "rotation": rotation,
         "auto_schedule": auto,
         "allocation": allocation.record if allocation else None,
+        "family": family_report(adapter, config),
         "calibration": {"source": config.calib, "nsamples": int(ids.shape[0]),
                         "seqlen": int(ids.shape[1]), "seed": config.seed,
-                        "tokens": int(ids.numel())},
+                        "tokens": int(ids.numel()), "chat_template": config.chat_template}
+        if ids.numel() else None,
         "windows": [asdict(r) for r in records],
         "timings": timings,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
     }
+    if coverage:
+        report["experts"] = coverage[0].to_dict()
     if device.type == "cuda":
         report["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return QuantizeResult(model=model, report=report, grids=grids)

@@ -53,8 +53,10 @@ def rotate_model(adapter: DecoderAdapter, seed: int, center_embeddings: bool = T
     kind of matrix used ("random_hadamard" or "random_orthogonal").
 
     Every block's pre-norm is fused into the projections that read the residual stream
-    (`READS` of its parts); those take Q on their inputs, the ones that write it back
-    (`WRITES`) take Qᵀ on their outputs.
+    (`reads()` of its parts: q/k/v, gate/up, an MoE router and every expert's gate/up); those
+    take Q on their inputs, the ones that write it back (`writes()`: o, down, every expert's
+    down) take Qᵀ on their outputs. Fused expert parameters are rotated expert by expert,
+    in place.
     """
     model = adapter.model
     if adapter.lm_head.weight is adapter.embed.weight or getattr(
@@ -66,7 +68,7 @@ def rotate_model(adapter: DecoderAdapter, seed: int, center_embeddings: bool = T
     layers = [adapter.parts(i) for i in range(adapter.num_layers)]
     for parts in layers:
         for block in parts.blocks().values():
-            _fuse_norm(block.norm, [block.proj[n].weight for n in block.READS])
+            _fuse_norm(block.norm, [p.weight for p in block.reads()])
     _fuse_norm(adapter.final_norm.weight, [adapter.lm_head.weight])
 
     generator = torch.Generator().manual_seed(seed)
@@ -79,10 +81,10 @@ def rotate_model(adapter: DecoderAdapter, seed: int, center_embeddings: bool = T
     _rotate_inputs(adapter.lm_head.weight, q)
     for parts in layers:
         for block in parts.blocks().values():
-            for name in block.READS:
-                _rotate_inputs(block.proj[name].weight, q)
-            for name in block.WRITES:
-                _rotate_outputs(block.proj[name], q)
+            for proj in block.reads():
+                _rotate_inputs(proj.weight, q)
+            for proj in block.writes():
+                _rotate_outputs(proj, q)
     return kind
 
 

@@ -30,14 +30,20 @@ import numpy as np
 import torch
 
 from sliderquant.allocation import Option, budget_bits, solve, storage_bits
+from sliderquant.calibration import calibration_ids
 from sliderquant.config import ConfigError, QuantConfig
-from sliderquant.data import calibration_ids, resolve_data_root
+from sliderquant.data import resolve_data_root
 from sliderquant.eval.perplexity import eval_windows, perplexity_from_nlls, window_nlls
 from sliderquant.models.adapters import DecoderAdapter
 from sliderquant.quant.layer import QuantDecoderLayer
 from sliderquant.quant.learnables import LayerQuantSpec
 from sliderquant.quant.quantizer import WeightFormat, fake_quantize, fake_quantize_weight
-from sliderquant.quant.runtime import ActQuantLinear, register_attention
+from sliderquant.quant.runtime import (
+    ActQuantLinear,
+    quantize_router_input,
+    register_attention,
+    register_experts,
+)
 from sliderquant.span import embed, quantize_span
 from sliderquant.version import __version__
 
@@ -81,14 +87,20 @@ class LayerQuantizer:
             p.requires_grad_(False)
         self._fp = [self._signature(i) for i in range(self.adapter.num_layers)]
         self._attn = model.config._attn_implementation
+        self._moe = any(self.adapter.is_moe(i) for i in range(self.adapter.num_layers))
+        self._experts = getattr(model.config, "_experts_implementation", None)
 
     def __enter__(self) -> LayerQuantizer:
         if self.config.abits < 16:
             self.adapter.model.set_attn_implementation(register_attention())
+            if self._moe:  # experts without `sliderquant_abits` run unquantized
+                self.adapter.model.set_experts_implementation(register_experts())
         return self
 
     def __exit__(self, *exc) -> None:
         self.adapter.model.set_attn_implementation(self._attn)
+        if self._moe and self.config.abits < 16 and self._experts:
+            self.adapter.model.set_experts_implementation(self._experts)
 
     def quantize(self, first: int, last: int) -> Callable[[], None]:
         """Quantize layers first..last (inclusive); returns the function that restores them."""
@@ -113,9 +125,10 @@ class LayerQuantizer:
             for i, name, lin in linears:
                 self.adapter.set_linear(i, name, lin)
             for i in span:
-                attention = self.adapter.attention_module(i)
-                if hasattr(attention, "sliderquant_abits"):
-                    del attention.sliderquant_abits
+                for module in (self.adapter.attention_module(i),
+                               self.adapter.experts_module(i), self.adapter.router_module(i)):
+                    if module is not None and hasattr(module, "sliderquant_abits"):
+                        module.sliderquant_abits = 16  # (a router's input hook stays, idle)
 
         return restore
 
@@ -135,7 +148,10 @@ class LayerQuantizer:
     def _round(self, i: int) -> None:
         cfg = self.config
         for block in self.adapter.parts(i).blocks().values():
-            for proj in block.proj.values():
+            projections = list(block.proj.values())
+            if getattr(block, "router", None) is not None and cfg.quantize_router:
+                projections.append(block.router)
+            for proj in projections:
                 proj.weight.copy_(fake_quantize(proj.weight, cfg.wbits, group_size=cfg.group_size,
                                                 symmetric=cfg.symmetric))
 
@@ -145,6 +161,10 @@ class LayerQuantizer:
             self.adapter.set_linear(i, name, ActQuantLinear(lin, self.config.abits))
         if self.config.quantize_attention:
             self.adapter.attention_module(i).sliderquant_abits = self.config.abits
+        if self.adapter.is_moe(i):
+            self.adapter.experts_module(i).sliderquant_abits = self.config.abits
+            if self.config.quantize_router:
+                quantize_router_input(self.adapter.router_module(i), self.config.abits)
 
 
 def perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:

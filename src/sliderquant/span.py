@@ -13,6 +13,7 @@ import torch
 from sliderquant.checkpoint import CheckpointStore
 from sliderquant.config import QuantConfig
 from sliderquant.engine import Engine, WindowRecord
+from sliderquant.expert_coverage import ExpertCoverage, count_expert_tokens
 from sliderquant.fold import fold_layers
 from sliderquant.models.adapters import DecoderAdapter
 from sliderquant.quant.layer import QuantDecoderLayer
@@ -35,16 +36,18 @@ def quantize_span(
     show_progress: bool = True,
     timings: dict[str, float] | None = None,
     formats: dict[int, dict[str, WeightFormat]] | None = None,
+    coverage: list[ExpertCoverage] | None = None,
 ) -> tuple[list[WindowRecord], dict[str, torch.Tensor]]:
     """Quantize layers `first`..`last` (inclusive; default all) of `adapter.model` in place
     with `config`, training on the calibration windows `ids` [n, T] (ignored by methods that
     train nothing); layers before `first` stay FP and only carry the windows to the span.
 
     Returns the window records and the grids (see `fold.fold_layers`). `timings` receives
-    `capture_s`, `train_s` (trained methods) and `fold_s`. The LoRA initialisation draws
-    from one generator seeded with `config.seed`, layer by layer from layer 0, so a layer's
-    start does not depend on the span. `formats` gives projections their own weight format
-    (by layer, then projection name: a mixed-precision allocation).
+    `capture_s`, `train_s` (trained methods) and `fold_s`; `coverage` receives, for a trained
+    method on a model with MoE layers, the calibration tokens routed to each expert. The LoRA
+    initialisation draws from one generator seeded with `config.seed`, layer by layer from
+    layer 0, so a layer's start does not depend on the span. `formats` gives projections
+    their own weight format (by layer, then projection name: a mixed-precision allocation).
     """
     last = adapter.num_layers - 1 if last is None else last
     timings = {} if timings is None else timings
@@ -62,6 +65,9 @@ def quantize_span(
         x = embed(adapter, ids, config.inference_batch_size)
         rope = adapter.rotary(x[:1].to(device), ids.shape[1])
         x = _through_fp_layers(views[:first], x, rope, device)
+        if coverage is not None and any(v.moe() is not None for v in views[first:]):
+            coverage.append(count_expert_tokens(views[first:], x, rope, device,
+                                                config.inference_batch_size, first))
         timings["capture_s"] = time.perf_counter() - t
         t = time.perf_counter()
         engine = Engine(views[first:], rope, config, device, store, fingerprint, on_unit_end,

@@ -3,29 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import time
 from pathlib import Path
 
-from sliderquant.cli.options import (
-    add_model_arguments,
-    add_perplexity_arguments,
-    compute_device,
-    parse_tasks,
-    torch_dtype,
-)
-from sliderquant.cli.printing import print_perplexity, say
+from sliderquant.cli import options
+from sliderquant.cli.options import finite_float, positive_int
+from sliderquant.cli.printing import print_expert_tokens, print_results, print_summary, say
 from sliderquant.config import (
     ALLOC_SCORES,
     ALLOC_UNITS,
     INTRA_MODES,
     METHODS,
     PRESETS,
+    SCHEMES,
     QuantConfig,
 )
 
 NAME = "quantize"
 HELP = "quantize a model, save it, report its perplexity"
-DESCRIPTION = ("Quantize MODEL, fold the learnables into plain weights, save a Hugging Face "
-               "folder with sliderquant.json, and evaluate it.")
+DESCRIPTION = (
+    "Quantize MODEL, fold the learnables into plain weights, save a Hugging Face folder with "
+    "sliderquant.json, evaluate it against the FP model, and end with a summary table and "
+    "where the time went. --scheme names what the quantized model is (auto-round / "
+    "llm-compressor names: W4A16 = 4-bit weights in groups of 128, symmetric); --preset the "
+    "training recipe (epochs, learning rates, learnables, rotation); without --preset a "
+    "scheme picks the recipe for its bits; without either, w4a16 (per-channel asymmetric, as "
+    "in the paper).")
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -37,39 +41,39 @@ def _widths(text: str) -> tuple[int, ...]:
 
 
 # (flag, config key, type, help) for every QuantConfig field settable from the command line.
-_CONFIG_FLAGS: list[tuple[str, str, type, str]] = [
-    ("--method", "method", str, f"algorithm: {', '.join(METHODS)} (default sliderquant). "
-     "fixed = 2-layer windows, stride 1 (CBQ-style); blockwise = one layer at a time "
-     "(OmniQuant-style); rtn = round-to-nearest, no training"),
+_CONFIG_FLAGS: list[tuple[str, str, object, str]] = [
+    ("--method", "method", str, "algorithm (default sliderquant): fixed = 2-layer windows, "
+     "stride 1 (CBQ-style); blockwise = one layer at a time (OmniQuant-style); rtn = "
+     "round-to-nearest, no training and no calibration data"),
     ("--wbits", "wbits", int, "weight bits: 2, 3, 4, 8 or 16"),
     ("--abits", "abits", int, "activation bits: 4, 8 or 16 (16 = weight-only)"),
-    ("--group-size", "group_size", int, "weight group size (power of two dividing every input "
-     "width); default: one scale per output channel"),
-    ("--epochs", "epochs", int, "training epochs per window, summed over the intra-layer stages"),
-    ("--batch-size", "batch_size", int, "calibration windows per optimiser step"),
-    ("--nsamples", "nsamples", int, "number of calibration windows"),
-    ("--seqlen", "seqlen", int, "tokens per calibration window"),
-    ("--calib", "calib", str, "calibration data: wikitext2:train, wikitext2:valid, c4, or a "
-     "text file (wikitext2:train is not in the offline data root)"),
+    ("--group-size", "group_size", positive_int, "weight group size (power of two dividing "
+     "every input width); default: one scale per output channel"),
+    ("--epochs", "epochs", positive_int,
+     "training epochs per window, summed over the intra-layer stages"),
+    ("--batch-size", "batch_size", positive_int, "calibration windows per optimiser step"),
+    ("--nsamples", "nsamples", positive_int, "number of calibration windows"),
+    ("--seqlen", "seqlen", positive_int, "tokens per calibration window"),
     ("--seed", "seed", int, "seed for calibration sampling, initialisation, shuffling, rotation"),
     ("--lora-rank", "lora_rank", int, "LoRA rank per projection (0 turns LoRA off)"),
-    ("--lora-lr", "lora_lr", float, "LoRA learning rate (per sample; times batch size)"),
-    ("--scale-lr", "scale_lr", float, "channel-scaling learning rate (per sample)"),
-    ("--clip-lr", "clip_lr", float, "learnable weight clipping learning rate (per sample)"),
-    ("--shallow", "shallow", int, "layers covered by the growing windows (PESW), Ls"),
-    ("--deep", "deep", int, "layers covered by the shrinking windows (PCSW), Ld"),
-    ("--window-size", "window_size", int, "size s of the intermediate fixed windows"),
-    ("--stride", "stride", int, "stride i of the intermediate fixed windows"),
+    ("--lora-lr", "lora_lr", finite_float, "LoRA learning rate (per sample; times batch size)"),
+    ("--scale-lr", "scale_lr", finite_float, "channel-scaling learning rate (per sample)"),
+    ("--clip-lr", "clip_lr", finite_float,
+     "learnable weight clipping learning rate (per sample)"),
+    ("--shallow", "shallow", positive_int, "layers covered by the growing windows (PESW), Ls"),
+    ("--deep", "deep", positive_int, "layers covered by the shrinking windows (PCSW), Ld"),
+    ("--window-size", "window_size", positive_int, "size s of the intermediate fixed windows"),
+    ("--stride", "stride", positive_int, "stride i of the intermediate fixed windows"),
     ("--schedule", "schedule", str, "explicit schedule as inclusive ranges, e.g. 0-0,0-1,1-2 "
      "(overrides the method's schedule), or auto: shallow/deep from an RTN sensitivity scan "
      "on the calibration data (see `sliderquant sensitivity`)"),
-    ("--intra-stages", "intra_stages", int, "intra-layer sliding stages N (gamma = 1/N); "
-     "1 turns intra-layer sliding off"),
-    ("--intra-mode", "intra_mode", str, f"{' | '.join(INTRA_MODES)}: whole-schedule passes "
-     "per fraction (reference code, default) or every fraction inside each window (paper)"),
-    ("--inference-batch-size", "inference_batch_size", int,
+    ("--intra-stages", "intra_stages", positive_int, "intra-layer sliding stages N "
+     "(gamma = 1/N); 1 turns intra-layer sliding off"),
+    ("--intra-mode", "intra_mode", str, "global_passes: whole-schedule passes per fraction "
+     "(reference code, default); per_window: every fraction inside each window (paper)"),
+    ("--inference-batch-size", "inference_batch_size", positive_int,
      "windows per no-grad forward when advancing caches"),
-    ("--avg-bits", "avg_bits", float, "mixed precision: average storage bits per projection "
+    ("--avg-bits", "avg_bits", finite_float, "mixed precision: average storage bits per projection "
      "weight (codes, scales, zero points), spent where a scan says the loss gains most "
      "(docs/MIXED.md); --wbits is the lowest width"),
     ("--alloc-unit", "alloc_unit", str, f"{' | '.join(ALLOC_UNITS)}: what one choice of bits "
@@ -79,32 +83,48 @@ _CONFIG_FLAGS: list[tuple[str, str, type, str]] = [
     ("--alloc-score", "alloc_score", str, f"{' | '.join(ALLOC_SCORES)}: measured loss change "
      "of each choice with rounding to nearest (default), or its Fisher estimate"),
 ]
+_CHOICES = {"method": METHODS, "intra_mode": INTRA_MODES, "alloc_unit": ALLOC_UNITS,
+            "alloc_score": ALLOC_SCORES}
 _CONFIG_SWITCHES: list[tuple[str, str, str]] = [
     ("lwc", "lwc", "learnable weight clipping"),
     ("channel-scaling", "channel_scaling", "learnable channel scaling (needs abits < 16)"),
     ("qk-scaling", "qk_scaling", "the extra q/k scaling vector (reference code)"),
     ("down-scaling", "down_scaling", "the up/down scaling vector"),
     ("quantize-attention", "quantize_attention", "quantize q/k/v inside attention (abits < 16)"),
+    ("quantize-router", "quantize_router", "quantize MoE routers like the experts (default: "
+     "routers stay in full precision)"),
     ("rotate", "rotate", "fused norms + random Hadamard rotation (on in the w4a4 preset)"),
     ("center-embeddings", "center_embeddings", "centre embedding rows before rotating (QuaRot)"),
     ("lr-times-batch", "lr_times_batch", "multiply learning rates by the batch size (reference)"),
     ("alloc-pairs", "alloc_pairs", "measure neighbouring units together (default: for layer "
      "units with rtn scores)"),
+    ("symmetric", "symmetric", "symmetric weight grid (zero point in the middle); set by the "
+     "_SYM/_ASYM spelling of --scheme"),
 ]
 
 
 def add_arguments(q: argparse.ArgumentParser) -> None:
-    add_model_arguments(q)
-    q.add_argument("--out", required=True, type=Path,
-                   help="output folder (refused if it holds a finished run, unless --overwrite)")
-    q.add_argument("--preset", choices=list(PRESETS), default="w4a16",
-                   help="paper/reference settings to start from (default w4a16)")
+    options.add_model_arguments(q)
+    options.add_data_dir(q)
+    options.add_device(q)
+    options.add_quiet(q)
+    options.add_out(q, "the Hugging Face folder, sliderquant.json and checkpoints (refused if "
+                    "it holds a finished run, unless --overwrite)", required=True)
+    q.add_argument("--scheme", help="what the quantized model is, by the names of auto-round "
+                   "and llm-compressor: " + ", ".join(SCHEMES) + "; _SYM / _ASYM picks the "
+                   "weight grid (e.g. W4A16_ASYM). W{b}A16 = groups of 128, symmetric. "
+                   "Recorded in sliderquant.json")
+    q.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="training recipe (epochs, learning rates, learnables, rotation); "
+                        "default: the recipe for --scheme's bits, else w4a16")
     q.add_argument("--fast", action="store_true",
                    help="the preset's CPU-sized variant (fewer, shorter samples; fewer epochs)")
     q.add_argument("--config", type=Path, help="YAML file of QuantConfig keys (applied after "
                    "the preset, before command-line flags)")
+    options.add_calibration_arguments(q, default_calib=None)
     for flag, key, kind, text in _CONFIG_FLAGS:
-        q.add_argument(flag, dest=key, type=kind, default=None, help=text)
+        q.add_argument(flag, dest=key, type=kind, default=None, help=text,
+                       choices=_CHOICES.get(key))
     for name, key, text in _CONFIG_SWITCHES:
         q.add_argument(f"--{name}", dest=key, action=argparse.BooleanOptionalAction,
                        default=None, help=text)
@@ -112,67 +132,163 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
                    help="continue an interrupted run in --out from its last finished window")
     q.add_argument("--overwrite", action="store_true",
                    help="replace a finished or unfinished run in --out")
-    add_perplexity_arguments(q, default_tasks="wikitext2,c4")
+    options.add_eval_arguments(q, default_tasks="wikitext2,c4")
     q.add_argument("--no-fp-reference", dest="fp_reference", action="store_false",
                    help="skip evaluating the unquantized model for comparison (cached per "
                         "model and protocol)")
 
 
 def _config_from_args(args: argparse.Namespace) -> QuantConfig:
-    overrides = {key: getattr(args, key) for _, key, _, _ in _CONFIG_FLAGS}
-    overrides.update({key: getattr(args, key) for _, key, _ in _CONFIG_SWITCHES})
+    keys = [key for _, key, _, _ in _CONFIG_FLAGS] + [key for _, key, _ in _CONFIG_SWITCHES]
+    overrides = {key: getattr(args, key) for key in (*keys, "calib", "chat_template")}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     file_values = QuantConfig.read_yaml(args.config) if args.config else {}
     file_values.pop("preset", None)
-    return QuantConfig.from_preset(args.preset, args.fast, **{**file_values, **overrides})
+    scheme = args.scheme or file_values.pop("scheme", None)
+    file_values.pop("scheme", None)
+    return QuantConfig.from_preset(args.preset, args.fast, scheme=scheme,
+                                   **{**file_values, **overrides})
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """What to do after Ctrl-C, from what the run left in --out."""
+    from sliderquant.api import CHECKPOINT_DIR, RUN_FILE
+
+    if (args.out / RUN_FILE).is_file():
+        return (f"the quantized model is saved in {args.out}; evaluate it with "
+                f"`sliderquant eval {args.out}`")
+    if (args.out / CHECKPOINT_DIR).is_dir():
+        return (f"the windows finished so far are checkpointed in {args.out}; run the same "
+                "command with --resume to continue")
+    return "no window had finished, so there is nothing to --resume; run the command again"
 
 
 def run(args: argparse.Namespace) -> int:
     from sliderquant import api
-    from sliderquant.models.adapters import DecoderAdapter
+    from sliderquant.calibration import check_source
+    from sliderquant.data import resolve_data_root
+    from sliderquant.eval.perplexity import check_data
     from sliderquant.sensitivity import allocation_summary
 
+    clock = Clock()
     config = _config_from_args(args)
-    tasks = parse_tasks(args.tasks)
-    device = compute_device(args.device)
-    loaded = api.load(args.model, args.data_dir, torch_dtype(args.dtype), args.trust_remote_code)
+    tasks = options.parse_tasks(args.tasks)
+    perplexity_sets, lm_eval_tasks = options.split_tasks(tasks)
+    device = options.compute_device(args.device)
+    data_root = resolve_data_root(args.data_dir)
+    if config.trains:
+        check_source(config.calib, data_root, config.chat_template)
+    check_data(perplexity_sets, data_root)
+    if lm_eval_tasks:
+        api.check_tasks(lm_eval_tasks)
+    with clock("load"):
+        loaded = api.load(args.model, args.data_dir, options.torch_dtype(args.dtype),
+                          args.trust_remote_code)
     if loaded.run is not None:
         raise api.RunFolderError(f"{args.model} is already a quantized run; quantize the "
                                  "original model instead")
     api.preflight(loaded.model, config)
-    if tasks:
-        DecoderAdapter(loaded.model).check_context(args.eval_seqlen)
+    eval_seqlen = options.eval_length(loaded.model, args.eval_seqlen, args)
     fp = None
     if tasks and args.fp_reference:
         say(args, "evaluating the unquantized model (cached after the first time)")
-        fp = api.fp_reference(loaded.model.to(device), loaded.tokenizer, tasks,
-                              args.eval_seqlen, args.eval_windows, args.data_dir, not args.quiet)
+        with clock("FP reference"):
+            fp = api.fp_reference(loaded.model.to(device), loaded.tokenizer, tasks, eval_seqlen,
+                                  args.eval_windows, args.data_dir, not args.quiet, args.limit)
         loaded.model.to("cpu")  # quantization keeps the model on the host, windows on `device`
-    say(args, f"quantizing {loaded.source}: {config.method} W{config.wbits}A{config.abits} "
-         f"({config.preset}), {config.nsamples}x{config.seqlen} tokens of {config.calib}, "
-         f"{config.epochs} epochs per window")
-    result = api.quantize(loaded.model, loaded.tokenizer, config, data_dir=args.data_dir,
-                          device=device, output_dir=args.out, resume=args.resume,
-                          overwrite=args.overwrite, show_progress=not args.quiet)
+    calib = (f"{config.nsamples}x{config.seqlen} tokens of {config.calib}"
+             + (" (chat template)" if config.chat_template else "") if config.trains
+             else "no calibration data")
+    say(args, f"quantizing {loaded.source}: {config.method} {_bits(config)} ({config.preset}), "
+              f"{calib}" + (f", {config.epochs} epochs per window" if config.trains else ""))
+    with clock("quantize"):
+        result = api.quantize(loaded.model, loaded.tokenizer, config, data_dir=args.data_dir,
+                              device=device, output_dir=args.out, resume=args.resume,
+                              overwrite=args.overwrite, show_progress=not args.quiet)
     entries = {"model": loaded.source, "model_ref": api.loadable_ref(args.model),
-               "model_note": loaded.note}
+               "model_note": loaded.note,
+               "data_root": str(data_root.resolve()) if data_root else None}
     if tasks:
-        entries["eval"] = api.evaluate_perplexity(
-            result.model.to(device), loaded.tokenizer, tasks, args.eval_seqlen, args.eval_windows,
-            args.data_dir, not args.quiet)
+        scores = {}
+        with clock("evaluation"):
+            model = result.model.to(device)
+            if perplexity_sets:
+                scores.update(api.evaluate_perplexity(
+                    model, loaded.tokenizer, perplexity_sets, eval_seqlen, args.eval_windows,
+                    args.data_dir, not args.quiet))
+            if lm_eval_tasks:
+                scores.update(api.evaluate_zeroshot(model, loaded.tokenizer, lm_eval_tasks,
+                                                    args.limit, args.data_dir, not args.quiet))
+        entries["eval"] = scores
         if fp is not None:
             entries["eval_fp"] = fp
+    entries["phases"] = clock.record(result.report["timings"])
     api.update_run_record(args.out, **entries)
     report = result.report
-    print(f"saved {args.out}  (quantization {report['timings']['total_s']:.0f} s, "
-          f"peak RSS {report['peak_rss_mb']:.0f} MiB)")
+    peak = api.peak_rss_mb()
+    print(f"saved {args.out}: {config.method} {_bits(config)}"
+          + (f" ({config.scheme})" if config.scheme else "") + f", preset {config.preset}")
     if loaded.note:
         print(f"note: {loaded.note}")
+    if report.get("experts"):
+        print_expert_tokens(report["experts"])
     if report.get("auto_schedule"):
         print(f"schedule auto: {report['auto_schedule']['reasoning']}")
     if report.get("allocation"):
         print(f"allocation: {allocation_summary(report['allocation'])}")
-    print_perplexity(entries.get("eval", {}), fp)
+    print_results(entries.get("eval", {}), fp)
+    print_summary(entries.get("eval", {}), fp, size_bytes=_folder_bytes(args.out),
+                  peak_rss_mb=peak, peak_gpu_mb=report.get("peak_gpu_mb"),
+                  phases=entries["phases"], windows=report.get("windows") or [])
     return 0
 
 
+def _bits(config: QuantConfig) -> str:
+    group = f"g{config.group_size}" if config.group_size else "per-channel"
+    grid = "sym" if config.symmetric else "asym"
+    return f"W{config.wbits}A{config.abits} {group} {grid}"
+
+
+def _folder_bytes(folder: Path) -> int:
+    """Bytes of the files the run folder holds, without its training checkpoint."""
+    return sum(f.stat().st_size for f in folder.rglob("*")
+               if f.is_file() and "checkpoint" not in f.relative_to(folder).parts)
+
+
+class Clock:
+    """Wall and CPU seconds of named phases, and of everything since it was made."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self.began = time.perf_counter(), time.process_time()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[name] = time.perf_counter() - wall
+            self.cpu[name] = time.process_time() - cpu
+
+    def record(self, quantize: dict[str, float]) -> dict[str, dict]:
+        """{phase: {"wall_s", "cpu_s"}} in order plus "total"; the quantize phase also has
+        "parts": calibration, training, fold, save (wall seconds, from the pipeline's own
+        timings)."""
+        phases: dict[str, dict] = {
+            name: {"wall_s": round(self.wall[name], 1), "cpu_s": round(self.cpu[name], 1)}
+            for name in self.wall}
+        if "quantize" in phases:
+            parts = {"calibration": quantize.get("calibration_data_s", 0.0)
+                     + quantize.get("capture_s", 0.0),
+                     "rotation": quantize.get("rotation_s", 0.0),
+                     "auto schedule": quantize.get("auto_schedule_s", 0.0),
+                     "training": quantize.get("train_s", 0.0),
+                     "fold": quantize.get("fold_s", 0.0)}
+            parts["save"] = max(self.wall["quantize"] - sum(parts.values()), 0.0)
+            phases["quantize"]["parts"] = {k: round(v, 1) for k, v in parts.items()
+                                           if k in ("training", "fold", "save") or v >= 0.05}
+        phases["total"] = {"wall_s": round(time.perf_counter() - self.began[0], 1),
+                           "cpu_s": round(time.process_time() - self.began[1], 1)}
+        return phases

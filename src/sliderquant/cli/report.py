@@ -5,18 +5,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sliderquant.cli import options
+from sliderquant.cli.printing import after_loss
+
 NAME = "report"
 HELP = "draw a run's per-window training losses and its window schedule"
 DESCRIPTION = (
-    "From RUN/sliderquant.json: the training loss of every window per epoch, and the "
+    "From RUN/sliderquant.json: the training loss of every window per epoch, starting from "
+    "its loss before training (quantized with the learnables at their start values), and the "
     "schedule (which layers each window covered, coloured by the loss it ended at). Writes "
-    "RUN/figures/report.png unless --out names another file; a mixed-precision run also "
-    "gets allocation.png beside it (bits per projection, predicted vs measured loss).")
+    "report.png into --out (default RUN/figures); a mixed-precision run also gets "
+    "allocation.png there (bits per projection, predicted vs measured loss).")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="a finished sliderquant run folder")
-    p.add_argument("--out", type=Path, help="PNG to write (default RUN/figures/report.png)")
+    options.add_quiet(p)
+    options.add_out(p, "report.png (default RUN/figures)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,6 +29,9 @@ def run(args: argparse.Namespace) -> int:
     from sliderquant.figures import allocation, training
     from sliderquant.sensitivity import allocation_summary
 
+    if args.out is not None and args.out.suffix.lower() == ".png":
+        raise api.ConfigError(f"--out {args.out}: --out names a folder (report.png is written "
+                              "into it)")
     record = api.read_run_record(args.run)
     cfg = record["config"]
     windows = record.get("windows") or []
@@ -34,15 +42,23 @@ def run(args: argparse.Namespace) -> int:
     auto = record.get("auto_schedule")
     depths = (f"shallow {cfg['shallow']} deep {cfg['deep']}"
               + (" (auto)" if auto else "") if cfg["method"] == "sliderquant" else "")
-    title = (f"{record.get('model', args.run)}: {cfg['method']} W{cfg['wbits']}A{cfg['abits']}"
+    bits = cfg.get("scheme") or f"W{cfg['wbits']}A{cfg['abits']}"
+    title = (f"{record.get('model', args.run)}: {cfg['method']} {bits}"
              f" ({cfg.get('preset') or 'custom'}) {depths}")
-    path = training(windows, num_layers, args.out or args.run / "figures" / "report.png", title)
+    path = training(windows, num_layers, (args.out or args.run / "figures") / "report.png",
+                    title)
     last = max(w["stage"] for w in windows)
     finals = [(w["window"], w["layers"], w["epoch_losses"][-1]) for w in windows
               if w["stage"] == last and w["epoch_losses"]]
     worst = max(finals, key=lambda f: f[2])
     print(f"{len(record['schedule'])} windows over {num_layers} layers; highest final loss "
           f"{worst[2]:.4g} in window {worst[0]} (layers {worst[1][0]}-{worst[1][-1]})")
+    starts = [(w["initial_loss"], after_loss(w)) for w in windows
+              if w.get("initial_loss") and after_loss(w)]
+    if starts:
+        before, after = sum(b for b, _ in starts), sum(a for _, a in starts)
+        print(f"summed over windows, loss before training {before:.4g} -> after {after:.4g} "
+              f"({(after / before - 1) * 100:+.0f} %)")
     if auto:
         print(f"schedule auto: {auto['reasoning']}")
     if record.get("allocation"):

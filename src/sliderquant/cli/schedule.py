@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from sliderquant.cli import options
 from sliderquant.config import METHODS
 
 NAME = "schedule"
@@ -13,7 +14,8 @@ DESCRIPTION = "Print the windows a method trains, in order."
 
 
 def add_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--layers", type=int, required=True, help="number of decoder layers L")
+    s.add_argument("--layers", type=options.positive_int, required=True,
+                   help="number of decoder layers L")
     s.add_argument("--method", choices=[m for m in METHODS if m != "rtn"],
                    default="sliderquant", help="schedule family (default sliderquant)")
     s.add_argument("--shallow", type=int, default=4, help="Ls (sliderquant)")
@@ -21,7 +23,7 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--window-size", type=int, default=None,
                    help="window size s (default 2; blockwise 1)")
     s.add_argument("--stride", type=int, default=1, help="stride i")
-    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    options.add_json(s)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,9 +37,14 @@ def run(args: argparse.Namespace) -> int:
         windows = fixed(args.layers, size, args.stride)
     rows = describe(windows, sliding=args.method == "sliderquant")
     if args.json:
-        print(json.dumps({"layers": args.layers, "windows": rows,
-                          "visits": visit_counts(windows, args.layers)}))
-        return 0
+        data = json.dumps({"layers": args.layers, "windows": rows,
+                           "visits": visit_counts(windows, args.layers)})
+        if args.json == "-":
+            print(data)
+            return 0
+        from sliderquant.atomic import write_text
+
+        write_text(args.json, data)
     print(f"{args.method} schedule, L = {args.layers}: {len(windows)} windows")
     print(f"{'#':>3}  {'kind':<5}  {'layers':<22} slide")
     for row in rows:

@@ -10,9 +10,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sliderquant.cli.options import add_model_arguments, compute_device, torch_dtype
+from sliderquant.cli import options
+from sliderquant.cli.options import finite_float
 from sliderquant.cli.printing import say
-from sliderquant.config import METHODS, PRESETS, ConfigError, QuantConfig
+from sliderquant.config import METHODS, PRESETS, SCHEMES, ConfigError, QuantConfig
 from sliderquant.sensitivity import DEFAULT_THRESHOLD
 
 NAME = "sensitivity"
@@ -27,45 +28,54 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
-    p.add_argument("--wbits", type=int, default=4, help="weight bits (default 4)")
-    p.add_argument("--abits", type=int, default=16,
+    options.add_model_arguments(p)
+    options.add_data_dir(p)
+    options.add_device(p)
+    options.add_quiet(p)
+    options.add_out(p, "sensitivity.json, sensitivity.md and sensitivity.png (default "
+                    "./sensitivity)")
+    p.add_argument("--scheme", help=f"what to quantize, by name ({', '.join(SCHEMES)}; see "
+                   "quantize --help); or give --wbits/--abits/--group-size")
+    p.add_argument("--wbits", type=int, default=None, help="weight bits (default 4)")
+    p.add_argument("--abits", type=int, default=None,
                    help="activation bits: 4, 8 or 16 (default 16 = weight-only)")
-    p.add_argument("--group-size", type=int, default=None,
+    p.add_argument("--group-size", type=options.positive_int, default=None,
                    help="weight group size (default: one scale per output channel)")
-    p.add_argument("--method", default="rtn",
-                   help=f"comma-separated methods, one line each in the figure: "
-                        f"{', '.join(METHODS)} (default rtn). Trained methods use the --fast "
-                        "preset of the closest bits")
-    p.add_argument("--calib", default="wikitext2:valid",
-                   help="calibration data of trained methods (default wikitext2:valid)")
-    p.add_argument("--dataset", choices=("wikitext2", "c4"), default="wikitext2",
-                   help="perplexity data (default wikitext2 test)")
-    p.add_argument("--eval-seqlen", type=int, default=512,
-                   help="tokens per evaluation window (default 512)")
-    p.add_argument("--eval-windows", type=int, default=4,
-                   help="evaluation windows per measurement (default 4)")
+    p.add_argument("--method", default="rtn", metavar="{" + ",".join(METHODS) + "}[,...]",
+                   help="comma-separated methods, one line each in the figure (default rtn). "
+                        "Trained methods use the --fast preset of the closest bits")
+    options.add_calibration_arguments(p, default_calib="wikitext2:valid")
+    options.add_eval_arguments(
+        p, default_tasks="wikitext2", perplexity_only=True, default_seqlen=512,
+        default_windows=4, seqlen_note="; a scan runs 2L+1 evaluations and ranks layers, "
+        "which short windows do at a quarter of the attention cost; --eval-seqlen 2048 "
+        "matches the other commands' protocol")
+    p.add_argument("--dataset", dest="tasks", help=argparse.SUPPRESS)  # the old --tasks
     p.add_argument("--no-prefix", dest="prefix", action="store_false",
                    help="skip the prefix scan (quantize the first l layers)")
-    p.add_argument("--k", type=float, default=DEFAULT_THRESHOLD,
+    p.add_argument("--k", type=finite_float, default=DEFAULT_THRESHOLD,
                    help="a layer is sensitive when its ppl increase exceeds k x the median "
                         f"middle-layer increase (default {DEFAULT_THRESHOLD:g})")
-    p.add_argument("--out", type=Path, default=Path("sensitivity"),
-                   help="output folder (default ./sensitivity)")
 
 
 def configs_from_args(args: argparse.Namespace) -> list[QuantConfig]:
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    if args.wbits >= 16 and args.abits >= 16:
+        raise ConfigError(f"--method: unknown method(s) {unknown}; choose from "
+                          f"{', '.join(METHODS)}")
+    common = dict(calib=args.calib, chat_template=args.chat_template,
+                  wbits=args.wbits, abits=args.abits, group_size=args.group_size)
+    if args.scheme:
+        return [QuantConfig.from_preset(None, fast=True, scheme=args.scheme, method=m,
+                                        **common) for m in dict.fromkeys(methods)]
+    wbits, abits = args.wbits or 4, args.abits or 16
+    if wbits >= 16 and abits >= 16:
         raise ConfigError("--wbits 16 --abits 16 quantizes nothing; lower one of them")
-    preset = f"w{args.wbits}a{args.abits}"
-    preset = preset if preset in PRESETS else ("w4a4" if args.abits < 16 else "w4a16")
-    return [QuantConfig.from_preset(preset, fast=True, method=m, wbits=args.wbits,
-                                    abits=args.abits, group_size=args.group_size,
-                                    calib=args.calib)
+    preset = f"w{wbits}a{abits}"
+    preset = preset if preset in PRESETS else ("w4a4" if abits < 16 else "w4a16")
+    return [QuantConfig.from_preset(preset, fast=True, method=m,
+                                    **{**common, "wbits": wbits, "abits": abits})
             for m in dict.fromkeys(methods)]
 
 
@@ -101,15 +111,27 @@ def markdown(result: dict, command: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from sliderquant import api
+    from sliderquant.calibration import check_source
+    from sliderquant.data import resolve_data_root
+    from sliderquant.eval.perplexity import check_data
     from sliderquant.figures import sensitivity as draw
 
     configs = configs_from_args(args)
-    if args.eval_windows < 1 or args.eval_seqlen < 2:
-        raise ConfigError("--eval-windows must be >= 1 and --eval-seqlen >= 2")
-    loaded = api.load(args.model, args.data_dir, torch_dtype(args.dtype), args.trust_remote_code)
+    sets = options.parse_tasks(args.tasks, perplexity_only=True)
+    if len(sets) != 1:
+        raise ConfigError("--tasks: a scan measures one perplexity set; name wikitext2 or c4")
+    (dataset,) = sets
+    device = options.compute_device(args.device)
+    data_root = resolve_data_root(args.data_dir)
+    if any(c.trains for c in configs):
+        check_source(configs[0].calib, data_root, configs[0].chat_template)
+    check_data((dataset,), data_root)
+    loaded = api.load(args.model, args.data_dir, options.torch_dtype(args.dtype),
+                      args.trust_remote_code)
     if loaded.run is not None:
         raise api.RunFolderError(f"{args.model} is a quantized run; scan the original model")
-    loaded.model.to(compute_device(args.device))
+    loaded.model.to(device)
+    seqlen = options.eval_length(loaded.model, args.eval_seqlen, args)
     began = time.perf_counter()
     first: list[float] = []  # when the FP evaluation (which also tokenizes the data) ended
 
@@ -123,21 +145,22 @@ def run(args: argparse.Namespace) -> int:
         say(args, f"[{what}] {done}/{total} measurements, {now - began:.0f} s elapsed, "
                   f"ETA {eta / 60:.1f} min")
 
+    bits = f"W{configs[0].wbits}A{configs[0].abits}"
     say(args, f"scanning {loaded.source}: {', '.join(c.method for c in configs)} "
-              f"W{args.wbits}A{args.abits}, {args.eval_windows} x {args.eval_seqlen} tokens "
-              f"of {args.dataset} per measurement")
-    result = api.sensitivity(loaded.model, loaded.tokenizer, configs, args.dataset,
-                             args.eval_seqlen, args.eval_windows, args.data_dir, args.prefix,
-                             args.k, progress)
+              f"{configs[0].scheme or bits}, {args.eval_windows} x {seqlen} tokens "
+              f"of {dataset} per measurement")
+    result = api.sensitivity(loaded.model, loaded.tokenizer, configs, dataset, seqlen,
+                             args.eval_windows, args.data_dir, args.prefix, args.k, progress)
     command = "sliderquant " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result.update(model=loaded.source, command=command,
                   date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sensitivity.json").write_text(json.dumps(result, indent=1))
-    (args.out / "sensitivity.md").write_text(markdown(result, command))
-    draw(result, args.out / "sensitivity.png",
-         f"{Path(loaded.source).name}: layer sensitivity, W{args.wbits}A{args.abits}, "
-         f"{result['windows']} x {result['seqlen']} tokens of {args.dataset}")
+    out = args.out or Path("sensitivity")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sensitivity.json").write_text(json.dumps(result, indent=1))
+    (out / "sensitivity.md").write_text(markdown(result, command))
+    draw(result, out / "sensitivity.png",
+         f"{Path(loaded.source).name}: layer sensitivity, {bits}, "
+         f"{result['windows']} x {result['seqlen']} tokens of {dataset}")
     sug = result["suggestion"]
     print(f"FP ppl {result['fp_ppl']:.3f}; most sensitive single layers ({sug['method']}): "
           + ", ".join(f"{i} ({p:.2f})" for p, i in sorted(
@@ -146,5 +169,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"suggested: --shallow {sug['shallow']} --deep {sug['deep']}  "
           "(quantize --schedule auto picks it the same way, on calibration data)")
     print(sug["reasoning"])
-    print(f"wrote {args.out}/sensitivity.json, sensitivity.md, sensitivity.png")
+    print(f"wrote {out}/sensitivity.json, sensitivity.md, sensitivity.png")
     return 0

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def window_divergence(model, reference, windows: torch.Tensor, desc: str = "kl",
                       show_progress: bool = True, chunk: int = 512) -> dict:
     """{"ppl", "reference_ppl", "kl", "top1_agreement", "positions"} of `model` against

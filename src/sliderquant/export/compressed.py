@@ -23,6 +23,14 @@ before the weights are read, returns before packing the zero point, so the model
 stops with a size mismatch. Such checkpoints (ours and llm-compressor's alike) load through
 the `dequantize` route, which unpacks them correctly; an asymmetric export asks for that
 route in its config.json so that a plain `from_pretrained` loads it.
+
+MoE experts (fused 3-D parameters in the model) are written expert by expert under the
+names checkpoints use (`mlp.experts.<e>.gate_proj`, Mixtral's `block_sparse_moe.experts.
+<e>.w1`, ...): transformers' weight converters decompress them and fuse them again on load.
+Its expert decompression (`CompressedTensorsDequantize`) drops the zero point, so only
+symmetric MoE checkpoints load there; an asymmetric grid on an MoE model is refused. A router
+is not a Linear module in transformers: a quantized one is stored as its (exact) float
+weight.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from sliderquant.export.source import (
     is_quantized,
 )
 from sliderquant.export.target import write_marker
+from sliderquant.models.adapters import DecoderAdapter
 from sliderquant.models.loading import FLOAT_DTYPES
 
 FORMAT = "pack-quantized"
@@ -100,6 +109,12 @@ def write_compressed(
             f"{count} weight groups have zero points outside 0..{2**bits - 1} (groups whose "
             f"weights all have one sign), which {FORMAT} cannot store; use --format gguf")
     act_bits = config.abits if config.abits < 16 and not drop_activation_quantization else None
+    moe = bool(DecoderAdapter(model).fused_experts())
+    if moe and not all(symmetric.values()):
+        raise ExportError(
+            "this MoE run has an asymmetric weight grid, which transformers 5 + "
+            "compressed-tensors cannot load for experts (their expert decompression drops the "
+            "zero point); quantize with `symmetric: true`, or export --format gguf")
 
     result = ExportResult(path=out, format=FORMAT, size_bytes=0)
     state = _compressed_state(model, grids, bits_of, dtype, symmetric, result.tensors)
@@ -111,6 +126,11 @@ def write_compressed(
     hf_config.quantization_config = quantization_config(schemes, group_size, act_bits, ignore)
     result.notes = engine_notes(tuple(by_bits), group_size, all(symmetric.values()), act_bits,
                                 config.quantize_attention)
+    if moe and act_bits is not None:
+        result.notes.append(
+            f"MoE experts are not Linear modules: compressed-tensors describes no int{act_bits} "
+            "input quantization for them, so engines run them with float inputs (sliderquant "
+            "eval restores it from sliderquant_export.json)")
     with atomic_dir(out) as staging:
         save_file(state, str(staging / WEIGHTS), metadata={"format": "pt"})
         hf_config.save_pretrained(staging)
@@ -122,6 +142,7 @@ def write_compressed(
             "run": record, "dtype": str(dtype).removeprefix("torch."),
             "activation_bits": act_bits,
             "quantize_attention": bool(act_bits) and config.quantize_attention,
+            "quantize_router": bool(act_bits) and config.quantize_router,
             "dropped_activation_quantization": config.abits < 16 and act_bits is None,
             "notes": result.notes})
     result.size_bytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
@@ -131,41 +152,59 @@ def write_compressed(
 def _compressed_state(model: nn.Module, grids: dict[str, torch.Tensor],
                       bits_of: dict[str, int], dtype: torch.dtype, symmetric: dict[int, bool],
                       reports: list[TensorReport]) -> dict[str, torch.Tensor]:
-    """The safetensors state: packed codes, scales and zero points per quantized Linear at
-    its own bits (each one reported in `reports`), every other tensor in `dtype`;
+    """The safetensors state: packed codes, scales and zero points per quantized Linear or
+    expert at its own bits (each one reported in `reports`), every other tensor in `dtype`;
     `symmetric` says, per bit-width, whether its config group is written without zeros."""
     state: dict[str, torch.Tensor] = {}
     tied = getattr(model.config, "tie_word_embeddings", False)
+    fused = DecoderAdapter(model).fused_experts()
+    packable = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    packable |= {s.path for slices in fused.values() for s in slices}
     for name, tensor in model.state_dict().items():
         module, _, suffix = name.rpartition(".")
         if name == "lm_head.weight" and tied:
             continue
-        if not (is_quantized(grids, module) and suffix == "weight"):
-            state[name] = (tensor.to(dtype) if tensor.is_floating_point() else tensor
-                           ).contiguous().cpu()
-            continue
-        step, zero = grids[f"{module}.step"], grids[f"{module}.zero"]
-        bits = bits_of[module]
-        offset = 2 ** (bits - 1)
-        _, _, codes = grid_codes(module, tensor, grids, bits)
-        scale = step.to(dtype).contiguous()
-        state[f"{module}.weight_packed"] = pack_int32(
-            torch.from_numpy(codes).to(torch.int64) - offset, bits)
-        state[f"{module}.weight_scale"] = scale
-        if not symmetric[bits]:
-            state[f"{module}.weight_zero_point"] = pack_int32(
-                zero.to(torch.int64) - offset, bits, dim=0)
-        state[f"{module}.weight_shape"] = torch.tensor(list(tensor.shape), dtype=torch.int64)
-        weight = tensor.detach().double().cpu()
-        diff = dequantize(state[f"{module}.weight_packed"], scale.double(),
-                          state.get(f"{module}.weight_zero_point"), tensor.shape, bits) - weight
-        width = tensor.shape[1] // step.shape[1]
-        reports.append(TensorReport(
-            name=module, storage=f"int{bits} {'sym' if symmetric[bits] else 'asym'}",
-            status="exact", params=tensor.numel(),
-            max_step_error=float((diff.abs() / step.double().repeat_interleave(
-                width, 1)).max()),
-            rel_rms_error=float(diff.norm() / weight.norm())))
+        # a fused expert parameter is written expert by expert, under the names checkpoints
+        # use (transformers' loader fuses them again)
+        pieces = ([(s.path, "weight", tensor[s.expert][s.rows]) for s in fused[name]]
+                  if name in fused else [(module, suffix, tensor)])
+        for path, kind, value in pieces:
+            if is_quantized(grids, path) and kind == "weight" and path in packable:
+                bits = bits_of[path]
+                state.update(_packed_weight(path, value, grids, bits, dtype, symmetric[bits],
+                                            reports))
+            else:
+                state[f"{path}.{kind}"] = (value.to(dtype) if value.is_floating_point()
+                                           else value).contiguous().cpu()
+    return state
+
+
+def _packed_weight(module: str, tensor: torch.Tensor, grids: dict[str, torch.Tensor],
+                   bits: int, dtype: torch.dtype, symmetric: bool, reports: list[TensorReport]
+                   ) -> dict[str, torch.Tensor]:
+    """The compressed-tensors tensors of one quantized weight (reported in `reports`)."""
+    offset = 2 ** (bits - 1)
+    state: dict[str, torch.Tensor] = {}
+    step, zero = grids[f"{module}.step"], grids[f"{module}.zero"]
+    _, _, codes = grid_codes(module, tensor, grids, bits)
+    scale = step.to(dtype).contiguous()
+    state[f"{module}.weight_packed"] = pack_int32(
+        torch.from_numpy(codes).to(torch.int64) - offset, bits)
+    state[f"{module}.weight_scale"] = scale
+    if not symmetric:
+        state[f"{module}.weight_zero_point"] = pack_int32(
+            zero.to(torch.int64) - offset, bits, dim=0)
+    state[f"{module}.weight_shape"] = torch.tensor(list(tensor.shape), dtype=torch.int64)
+    weight = tensor.detach().double().cpu()
+    diff = dequantize(state[f"{module}.weight_packed"], scale.double(),
+                      state.get(f"{module}.weight_zero_point"), tensor.shape, bits) - weight
+    width = tensor.shape[1] // step.shape[1]
+    reports.append(TensorReport(
+        name=module, storage=f"int{bits} {'sym' if symmetric else 'asym'}",
+        status="exact", params=tensor.numel(),
+        max_step_error=float((diff.abs() / step.double().repeat_interleave(
+            width, 1)).max()),
+        rel_rms_error=float(diff.norm() / weight.norm())))
     return state
 
 
@@ -369,7 +408,7 @@ def load_compressed(folder: Path, dtype: torch.dtype = torch.float32):
                 _module_bits(groups, module)).to(dtype)
         elif not name.rpartition(".")[2].startswith("weight_"):
             state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(_fuse_experts(model, state), strict=False)
     tied = getattr(config, "tie_word_embeddings", False)
     if unexpected or [k for k in missing if not (tied and k == "lm_head.weight")]:
         raise ExportError(f"{folder}: weights do not match the model (missing {missing}, "
@@ -377,6 +416,20 @@ def load_compressed(folder: Path, dtype: torch.dtype = torch.float32):
     if tied:
         model.tie_weights()
     return model.eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def _fuse_experts(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with per-expert weights (named as checkpoints name them) stacked into the
+    model's fused expert parameters."""
+    for param, slices in DecoderAdapter(model).fused_experts().items():
+        keys = [f"{s.path}.weight" for s in slices]
+        if not all(k in state for k in keys):
+            continue
+        value = torch.empty_like(model.get_parameter(param))
+        for s, key in zip(slices, keys, strict=True):
+            value[s.expert][s.rows] = state.pop(key)
+        state[param] = value
+    return state
 
 
 def _config_dtype(config) -> torch.dtype:

@@ -45,7 +45,11 @@ FILE_TYPES = {T.Q2_K: gguf.LlamaFileType.MOSTLY_Q2_K, T.Q3_K: gguf.LlamaFileType
               T.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1, T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
 FLOAT_TYPES = {"f16": T.F16, "bf16": T.BF16, "f32": T.F32}
 EMBEDDING_TYPES = (*FLOAT_TYPES, "q8_0")
-ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
+ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2,
+                 "qwen3": gguf.MODEL_ARCH.QWEN3, "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE}
+# llama.cpp keeps an MoE layer's experts as three 3-D tensors [experts, rows, cols], named
+# in the gguf package's tensor map by these merged module names
+MERGED_EXPERTS = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 # general.* keys this exporter writes itself rather than copying from a source GGUF
 _OWN_KEYS = {"general.architecture", "general.file_type", "general.quantization_version",
              "general.quantized_by", "general.alignment"}
@@ -96,6 +100,7 @@ def write_gguf(
     rope_theta, rope_type = _rope(hf_config)
     if rope_type not in ("default", None):
         raise ExportError(f"RoPE scaling {rope_type!r} is not exported to GGUF yet")
+    _check_moe(adapter)
 
     arch_name = gguf.MODEL_ARCH_NAMES[arch]
     names = gguf.get_tensor_name_map(arch, adapter.num_layers)
@@ -119,30 +124,26 @@ def write_gguf(
                 convert_tokenizer(Path(folder), writer, hf_config.vocab_size, note)
         main_types = []
         tied = getattr(hf_config, "tie_word_embeddings", False)
+        fused = adapter.fused_experts()
         for hf_name, tensor in model.state_dict().items():
             if hf_name == "lm_head.weight" and tied:
                 continue
             module, _, suffix = hf_name.rpartition(".")
-            base = names.get_name(module)
-            if base is None:
-                raise ExportError(f"no GGUF name for tensor {hf_name}")
-            name = f"{base}.{suffix}"
-            data = _to_llama_layout(arch, name, tensor.detach().float().cpu(), adapter)
-            if is_quantized(grids, module) and suffix == "weight":
-                bits = grid_bits(grids, module, config.wbits)
-                s, z, c = (_to_llama_layout(arch, name, torch.from_numpy(a), adapter).numpy()
-                           for a in grid_codes(module, tensor, grids, bits))
-                qtype, encoded, report = _encode_quantized(name, data.numpy(), s, z, c, bits,
-                                                           exact, float_type)
-                main_types.append(qtype)
-            elif data.dim() == 1:
-                qtype, encoded = T.F32, data.numpy().astype(np.float32)
-                report = TensorReport(name, "F32", "float", data.numel())
-            else:
-                chosen = embedding_type if base == "token_embd" else float_type
-                qtype, encoded, report = _encode_float(name, data.numpy(), chosen)
-            writer.add_tensor(name, encoded, raw_dtype=qtype)
-            result.tensors.append(report)
+            pieces = ([(f"{module}.{MERGED_EXPERTS[name]}", "weight", group)
+                       for name, group in _by_projection(fused[hf_name])]
+                      if hf_name in fused else [(module, suffix, None)])
+            for source, kind, experts in pieces:
+                base = names.get_name(source)
+                if base is None:
+                    raise ExportError(f"no GGUF name for tensor {hf_name}")
+                name = f"{base}.{kind}"
+                qtype, encoded, report = _encode_tensor(
+                    arch, name, base, tensor, module if kind == "weight" else None, experts,
+                    grids, config, adapter, exact, float_type, embedding_type)
+                if report.max_step_error is not None:
+                    main_types.append(qtype)
+                writer.add_tensor(name, encoded, raw_dtype=qtype)
+                result.tensors.append(report)
         if main_types:
             writer.add_file_type(FILE_TYPES.get(max(set(main_types), key=main_types.count),
                                                 gguf.LlamaFileType.MOSTLY_Q4_1))
@@ -162,6 +163,66 @@ def write_gguf(
     return result
 
 
+def _encode_tensor(arch, name: str, base: str, tensor: torch.Tensor, module: str | None,
+                   experts, grids, config: QuantConfig, adapter, exact: bool, float_type: str,
+                   embedding_type: str):
+    """(type, bytes, report) of one GGUF tensor: a model tensor (the weight of `module`, which
+    may have a grid, or another tensor), or (`experts`: its ExpertSlices) one projection of
+    every expert of a fused parameter, [experts, rows, cols]."""
+    if experts is None:
+        data = _to_llama_layout(arch, name, tensor.detach().float().cpu(), adapter)
+        paths, views = [module], [tensor]
+    else:
+        paths = [s.path for s in experts]
+        views = [tensor[s.expert][s.rows] for s in experts]
+        data = torch.stack([v.detach().float().cpu() for v in views])
+    quantized = [p is not None and is_quantized(grids, p) for p in paths]
+    if any(quantized) and not all(quantized):
+        raise ExportError(f"{name}: some experts have a weight grid and some do not")
+    if all(quantized) and data.dim() > 1:
+        widths = {grid_bits(grids, p, config.wbits) for p in paths}  # a mixed run's own bits
+        if len(widths) > 1:
+            raise ExportError(f"{name}: its experts have different bit-widths {sorted(widths)}")
+        bits = widths.pop()
+        codes = [[_to_llama_layout(arch, name, torch.from_numpy(a), adapter).numpy()
+                  for a in grid_codes(p, v, grids, bits)]
+                 for p, v in zip(paths, views, strict=True)]
+        s, z, c = (np.concatenate([x[k] for x in codes]) for k in range(3))
+        rows = data.reshape(-1, data.shape[-1])
+        qtype, encoded, report = _encode_quantized(name, rows.numpy(), s, z, c, bits,
+                                                   exact, float_type)
+        return qtype, encoded.reshape(*data.shape[:-1], -1), report
+    if data.dim() == 1 or base.endswith("ffn_gate_inp"):  # norms; a full-precision router
+        return T.F32, data.numpy().astype(np.float32), TensorReport(
+            name, "F32", "float", data.numel())
+    chosen = embedding_type if base == "token_embd" else float_type
+    qtype, encoded, report = _encode_float(name, data.reshape(-1, data.shape[-1]).numpy(),
+                                           chosen)
+    return qtype, encoded.reshape(*data.shape[:-1], -1), report
+
+
+def _by_projection(slices) -> list[tuple[str, list]]:
+    """ExpertSlices grouped by projection (gate, up, down), each in expert order."""
+    found: dict[str, list] = {}
+    for s in slices:
+        found.setdefault(s.name, []).append(s)
+    return [(name, sorted(group, key=lambda s: s.expert)) for name, group in found.items()]
+
+
+def _check_moe(adapter: DecoderAdapter) -> None:
+    """Refuse MoE layouts llama.cpp's graphs do not run."""
+    moe = [adapter.is_moe(i) for i in range(adapter.num_layers)]
+    if any(moe) and not all(moe):
+        dense = [i for i, m in enumerate(moe) if not m]
+        raise ExportError(f"layers {dense} of this MoE model are dense; llama.cpp's "
+                          f"{adapter.family.gguf_architecture} graph runs every layer as "
+                          "MoE, so GGUF export cannot represent it")
+    if any(moe) and not adapter.parts(moe.index(True)).mlp.renormalize:
+        raise ExportError("this model does not renormalise its top-k routing weights "
+                          "(norm_topk_prob false); llama.cpp always does, so its GGUF would "
+                          "compute another function: export --format compressed instead")
+
+
 def _rope(config) -> tuple[float, str | None]:
     params = getattr(config, "rope_parameters", None) or {}
     scaling = getattr(config, "rope_scaling", None) or {}
@@ -178,6 +239,11 @@ def _write_metadata(writer: gguf.GGUFWriter, config, quant: QuantConfig, source:
     writer.add_embedding_length(adapter.hidden_size)
     writer.add_block_count(adapter.num_layers)
     writer.add_feed_forward_length(config.intermediate_size)
+    if adapter.family.moe is not None:
+        parts = adapter.parts(0).mlp
+        writer.add_expert_count(parts.num_experts)
+        writer.add_expert_used_count(parts.top_k)
+        writer.add_expert_feed_forward_length(parts.proj["experts.0.up"].weight.shape[0])
     writer.add_head_count(adapter.num_heads)
     writer.add_head_count_kv(adapter.num_kv_heads)
     writer.add_rope_dimension_count(adapter.head_dim)

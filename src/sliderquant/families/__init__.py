@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from sliderquant.families.base import Family
 from sliderquant.families.llama import LLAMA
+from sliderquant.families.mixtral import MIXTRAL
 from sliderquant.families.qwen2 import QWEN2
+from sliderquant.families.qwen3 import QWEN3
+from sliderquant.families.qwen3_moe import QWEN3_MOE
 
-FAMILIES: tuple[Family, ...] = (LLAMA, QWEN2)
+FAMILIES: tuple[Family, ...] = (LLAMA, QWEN2, QWEN3, QWEN3_MOE, MIXTRAL)
 
 
 def find_family(model_type: str | None) -> Family | None:

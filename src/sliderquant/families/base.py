@@ -44,6 +44,36 @@ class GatedMLPLayout:
 
 
 @dataclass(frozen=True)
+class MoELayout:
+    """A sparse mixture-of-experts feed-forward as transformers 5 keeps it: a router (a
+    weight [experts, hidden]) and every expert's SwiGLU fused in two 3-D parameters,
+    `gate_up` [experts, 2 * intermediate, hidden] (gate rows first) and `down` [experts,
+    hidden, intermediate]. Routing: softmax over the router logits, top-k, then the top-k
+    probabilities renormalised to sum to 1 when `renormalize` says so.
+
+    A layer whose `experts` module is absent is a dense layer (the family's `mlp` layout
+    serves it), as in Qwen3-MoE's `mlp_only_layers`.
+    """
+
+    norm: str = "post_attention_layernorm"
+    router: str = "mlp.gate"
+    experts: str = "mlp.experts"
+    gate_up: str = "gate_up_proj"  # parameter names inside the experts module
+    down: str = "down_proj"
+    act: str = "mlp.experts.act_fn"
+    top_k: str = "num_experts_per_tok"  # the model config's attribute
+    # The config attribute that switches the renormalisation, or True / False when the
+    # family always / never renormalises.
+    renormalize: str | bool = True
+    # How checkpoints name one expert's projections ({experts}.{e}.{name}): what
+    # `save_pretrained` writes and the compressed export must write for transformers'
+    # loader to fuse them again.
+    checkpoint_experts: str = "mlp.experts"
+    checkpoint_names: tuple[tuple[str, str], ...] = (
+        ("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"))
+
+
+@dataclass(frozen=True)
 class Family:
     """One model family: the model types it covers and where everything is."""
 
@@ -58,6 +88,12 @@ class Family:
     rotary: str = "model.rotary_emb"  # called as rotary(hidden, positions) -> (cos, sin)
     attention: AttentionLayout = field(default_factory=AttentionLayout)
     mlp: GatedMLPLayout = field(default_factory=GatedMLPLayout)
-    # Channel-scaling vectors that are equivalent transformations on this family; the others
-    # are not created even when the config asks for them.
-    scalings: frozenset[str] = ALL_SCALINGS
+    moe: MoELayout | None = None  # the sparse feed-forward of MoE families
+    # Channel-scaling vectors (ALL_SCALINGS) that are not equivalent transformations on this
+    # family, each with the reason: they are never created, and a run reports them.
+    dropped_scalings: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def scalings(self) -> frozenset[str]:
+        """The channel-scaling vectors that are equivalent transformations on this family."""
+        return ALL_SCALINGS - {name for name, _ in self.dropped_scalings}

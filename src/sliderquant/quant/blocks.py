@@ -1,4 +1,5 @@
-"""Quantized blocks of a decoder layer (ALGORITHM.md §5): attention and a gated MLP.
+"""Quantized blocks of a decoder layer (ALGORITHM.md §5): attention, a gated MLP and a sparse
+mixture of experts.
 
 Each block is a training-time view over the model's tensors (no copies). One block serves
 as the FP teacher (`quantized=False`: original weights, nothing quantized) and as the
@@ -8,7 +9,8 @@ boundaries, and returns its output *before* the residual add, so that a layer co
 blocks as `x = x + block(x)`.
 
 Block weights are flat dicts: "norm", "<proj>.weight", "<proj>.bias" (None without bias)
-and, in attention, "q_norm"/"k_norm" (None unless the family has per-head q/k norms).
+and, in attention, "q_norm"/"k_norm" (None unless the family has per-head q/k norms). MoE
+projections are named "router" and "experts.<e>.<gate|up|down>".
 `student_weights` is the single implementation of the equivalent transformations: the
 training forward calls it every step (differentiably) and folding calls it once.
 
@@ -47,6 +49,14 @@ class BlockParts:
     READS: ClassVar[tuple[str, ...]] = ()  # projections that read the normed residual stream
     WRITES: ClassVar[tuple[str, ...]] = ()  # projections that write back to it
 
+    def reads(self) -> list[Projection]:
+        """The projections that read the normed residual stream."""
+        return [self.proj[name] for name in self.READS]
+
+    def writes(self) -> list[Projection]:
+        """The projections that write back to the residual stream."""
+        return [self.proj[name] for name in self.WRITES]
+
     def tensors(self) -> BlockWeights:
         """Every tensor of the block by its block-weights key (what folding writes)."""
         found: BlockWeights = {"norm": self.norm}
@@ -78,6 +88,36 @@ class MLPParts(BlockParts):
 
     READS: ClassVar[tuple[str, ...]] = ("gate", "up")
     WRITES: ClassVar[tuple[str, ...]] = ("down",)
+
+
+EXPERT_PROJECTIONS = ("gate", "up", "down")  # one expert's SwiGLU, in creation order
+
+
+@dataclass
+class MoEParts(BlockParts):
+    """A sparse feed-forward: `proj` holds every expert's gate, up and down ("experts.<e>.
+    <name>", views into the model's fused 3-D parameters), `router` the router's weight."""
+
+    router: Projection | None = None
+    num_experts: int = 0
+    top_k: int = 0
+    renormalize: bool = True  # top-k probabilities renormalised to sum to 1
+    act_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    scalings: frozenset[str] = MLP_SCALINGS
+
+    def expert(self, e: int) -> dict[str, Projection]:
+        return {name: self.proj[f"experts.{e}.{name}"] for name in EXPERT_PROJECTIONS}
+
+    def reads(self) -> list[Projection]:
+        return [self.router] + [self.proj[f"experts.{e}.{name}"]
+                                for e in range(self.num_experts) for name in ("gate", "up")]
+
+    def writes(self) -> list[Projection]:
+        return [self.proj[f"experts.{e}.down"] for e in range(self.num_experts)]
+
+    def tensors(self) -> BlockWeights:
+        return {**super().tensors(), "router.weight": self.router.weight,
+                "router.bias": self.router.bias}
 
 
 def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
@@ -124,24 +164,22 @@ def _scale_rows(w: BlockWeights, name: str, factor: torch.Tensor) -> None:
 
 
 class QuantBlock(nn.Module):
-    """What attention, MLP (and MoE) blocks share: a pre-norm, named projections, optional
+    """What attention, MLP and MoE blocks share: a pre-norm, named projections, optional
     channel scales, and folding."""
 
-    def __init__(self, parts: BlockParts, spec: LayerQuantSpec, names: tuple[str, ...],
-                 generator: torch.Generator | None):
+    def __init__(self, parts: BlockParts):
         super().__init__()
         self.eps = parts.eps
         self.register_buffer("norm", parts.norm.detach(), persistent=False)
-        self.proj = nn.ModuleDict({
-            name: QuantLinear(parts.proj[name].weight, parts.proj[name].bias, spec, generator,
-                              spec.format_of(name))
-            for name in names
-        })
         self.scales: ChannelScales | None = None
+
+    def projections(self) -> dict[str, QuantLinear]:
+        """Every projection of the block by name."""
+        return dict(self.proj)
 
     def base_weights(self) -> BlockWeights:
         w: BlockWeights = {"norm": self.norm}
-        for name, lin in self.proj.items():
+        for name, lin in self.projections().items():
             w[f"{name}.weight"], w[f"{name}.bias"] = lin.weight, lin.bias
         return w
 
@@ -161,7 +199,7 @@ class QuantBlock(nn.Module):
         integer grid) and, per quantized projection, the grid they sit on."""
         w = self.student_weights()
         grids: dict[str, QuantGrid] = {}
-        for name, lin in self.proj.items():
+        for name, lin in self.projections().items():
             w[f"{name}.weight"], grid = lin.folded(w[f"{name}.weight"])
             if grid is not None:
                 grids[name] = grid
@@ -170,6 +208,15 @@ class QuantBlock(nn.Module):
     def _project(self, w: BlockWeights, name: str, h: torch.Tensor, rate: float,
                  quantized: bool) -> torch.Tensor:
         return self.proj[name](h, w[f"{name}.weight"], w[f"{name}.bias"], rate, quantized)
+
+
+def _linears(parts: BlockParts, names: tuple[str, ...], spec: LayerQuantSpec,
+             generator: torch.Generator | None) -> nn.ModuleDict:
+    """QuantLinears over `parts`' projections `names`, created (and LoRA drawn) in order."""
+    return nn.ModuleDict({
+        name: QuantLinear(parts.proj[name].weight, parts.proj[name].bias, spec, generator,
+                          spec.format_of(name))
+        for name in names})
 
 
 class QuantAttention(QuantBlock):
@@ -184,7 +231,8 @@ class QuantAttention(QuantBlock):
 
     def __init__(self, parts: AttentionParts, spec: LayerQuantSpec,
                  generator: torch.Generator | None = None):
-        super().__init__(parts, spec, ("q", "k", "v", "o"), generator)
+        super().__init__(parts)
+        self.proj = _linears(parts, ("q", "k", "v", "o"), spec, generator)
         self.num_heads, self.num_kv_heads = parts.num_heads, parts.num_kv_heads
         self.head_dim = parts.head_dim
         self.abits = spec.abits
@@ -257,7 +305,8 @@ class QuantMLP(QuantBlock):
 
     def __init__(self, parts: MLPParts, spec: LayerQuantSpec,
                  generator: torch.Generator | None = None):
-        super().__init__(parts, spec, ("gate", "up", "down"), generator)
+        super().__init__(parts)
+        self.proj = _linears(parts, ("gate", "up", "down"), spec, generator)
         self.act_fn = parts.act_fn
         if spec.channel_scaling:
             up = parts.proj["up"].weight
@@ -286,3 +335,128 @@ class QuantMLP(QuantBlock):
         hidden = (self.act_fn(self._project(w, "gate", h, rate, quantized))
                   * self._project(w, "up", h, rate, quantized))
         return self._project(w, "down", hidden, rate, quantized)
+
+
+# A router kept in full precision: no learnables, nothing quantized.
+FULL_PRECISION = LayerQuantSpec(wbits=16, abits=16, lora_rank=0, lwc=False)
+
+
+class QuantMoE(QuantBlock):
+    """RMSNorm -> router -> softmax -> top-k experts (probabilities renormalised to sum to 1
+    where the family does) -> sum over the chosen experts of probability * SwiGLU expert,
+    as transformers computes it. The router stays in full precision unless
+    `spec.quantize_router`; every expert is quantized like a dense MLP. An expert's weights
+    are views into the model's fused parameters, and its scaled weights are built only when
+    a token is routed to it.
+
+    Channel scales (equivalent transformations, routing included):
+    fc1 [hidden]                 norm output -> columns of the router and of every expert's
+                                 gate and up (shared)
+    fc2 [experts * intermediate] per expert: rows of its up -> columns of its down
+    """
+
+    def __init__(self, parts: MoEParts, spec: LayerQuantSpec,
+                 generator: torch.Generator | None = None):
+        super().__init__(parts)
+        self.num_experts, self.top_k = parts.num_experts, parts.top_k
+        self.renormalize = parts.renormalize
+        self.act_fn = parts.act_fn
+        router_spec = spec if spec.quantize_router else FULL_PRECISION
+        self.router = QuantLinear(parts.router.weight, parts.router.bias, router_spec, generator)
+        self.experts = nn.ModuleList(
+            nn.ModuleDict({name: QuantLinear(p.weight, p.bias, spec, generator)
+                           for name, p in parts.expert(e).items()})
+            for e in range(parts.num_experts))
+        self.intermediate = parts.proj["experts.0.up"].weight.shape[0]
+        if spec.channel_scaling:
+            sizes = {"fc1": parts.router.weight.shape[1]}
+            if spec.down_scaling:
+                sizes["fc2"] = parts.num_experts * self.intermediate
+            self.scales = ChannelScales(
+                {k: n for k, n in sizes.items() if k in parts.scalings},
+                dtype=parts.router.weight.dtype)
+
+    def projections(self) -> dict[str, QuantLinear]:
+        found = {"router": self.router}
+        for e, expert in enumerate(self.experts):
+            found.update({f"experts.{e}.{name}": lin for name, lin in expert.items()})
+        return found
+
+    def _scaled(self, w: BlockWeights) -> BlockWeights:
+        w = self._scaled_shared(w)
+        for e in range(self.num_experts):
+            w.update(self._scaled_expert(w, e))
+        return w
+
+    def _scaled_shared(self, w: BlockWeights) -> BlockWeights:
+        """`w` with fc1 folded into the norm and the router's columns."""
+        w = dict(w)
+        fc1 = self.scales.get("fc1")
+        if fc1 is not None:
+            w["norm"] = w["norm"] / fc1
+            w["router.weight"] = w["router.weight"] * fc1
+        return w
+
+    def _scaled_expert(self, w: BlockWeights, e: int) -> BlockWeights:
+        """Expert `e`'s weights from the unscaled `w`, with fc1 and its part of fc2."""
+        keys = [f"experts.{e}.{name}.{kind}" for name in EXPERT_PROJECTIONS
+                for kind in ("weight", "bias")]
+        x = {key: w[key] for key in keys}
+        fc1, fc2 = self.scales.get("fc1"), self.scales.get("fc2")
+        if fc1 is not None:
+            for name in ("gate", "up"):
+                x[f"experts.{e}.{name}.weight"] = x[f"experts.{e}.{name}.weight"] * fc1
+        if fc2 is not None:
+            s = fc2.view(self.num_experts, self.intermediate)[e]
+            _scale_rows(x, f"experts.{e}.up", 1 / s)
+            x[f"experts.{e}.down.weight"] = x[f"experts.{e}.down.weight"] * s
+        return x
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, experts) [tokens, top_k] from router logits [tokens, experts]: softmax in
+        float32, top-k, optional renormalisation (transformers' order)."""
+        probs = torch.softmax(logits.float(), dim=-1)
+        top, index = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalize:
+            top = top / top.sum(dim=-1, keepdim=True)
+        return top.to(logits.dtype), index
+
+    @torch.no_grad()
+    def routing(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-precision (teacher) routing of the block input `x` [..., hidden]: the normed
+        tokens [tokens, hidden] the experts read and the router's probabilities [tokens,
+        experts]."""
+        h = rms_norm(x, self.norm, self.eps).reshape(-1, x.shape[-1])
+        logits = F.linear(h, self.router.weight, self.router.bias)
+        return h, torch.softmax(logits.float(), dim=-1)
+
+    def expert_output(self, e: int, h: torch.Tensor, w: BlockWeights, rate: float,
+                      quantized: bool) -> torch.Tensor:
+        """Expert `e`'s SwiGLU of the normed tokens `h` [tokens, hidden] with the block weights
+        `w` (student weights are scaled here, so only used experts are)."""
+        if quantized and self.scales is not None:
+            w = self._scaled_expert(w, e)
+        lin = self.experts[e]
+
+        def project(name: str, t: torch.Tensor) -> torch.Tensor:
+            key = f"experts.{e}.{name}"
+            return lin[name](t, w[f"{key}.weight"], w[f"{key}.bias"], rate, quantized)
+
+        return project("down", self.act_fn(project("gate", h)) * project("up", h))
+
+    def forward(self, x: torch.Tensor, quantized: bool = False, rate: float = 1.0
+                ) -> torch.Tensor:
+        if quantized and self.scales is not None:
+            self.scales.project_()
+            w = self._scaled_shared(self.base_weights())
+        else:
+            w = self.base_weights()
+        h = rms_norm(x, w["norm"], self.eps).reshape(-1, x.shape[-1])
+        logits = self.router(h, w["router.weight"], w["router.bias"], rate, quantized)
+        top, index = self.route(logits)
+        out = torch.zeros_like(h)
+        for e in index.unique().tolist():
+            token, slot = torch.where(index == e)
+            y = self.expert_output(e, h[token], w, rate, quantized) * top[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out.view(x.shape)

@@ -47,6 +47,7 @@ class LayerQuantSpec:
     down_scaling: bool = True
     quantize_attention: bool = True
     formats: tuple[tuple[str, WeightFormat], ...] = ()  # per projection, where not the default
+    quantize_router: bool = False  # MoE routers stay in full precision by default
 
     @classmethod
     def from_config(cls, config: QuantConfig,
@@ -60,6 +61,7 @@ class LayerQuantSpec:
             qk_scaling=config.qk_scaling, down_scaling=config.down_scaling,
             quantize_attention=config.quantize_attention,
             formats=tuple(sorted((formats or {}).items())),
+            quantize_router=config.quantize_router,
         )
 
     @property

@@ -1,0 +1,63 @@
+"""The duel harness's own logic (benchmarks/duel.py, benchmarks/store.py): no model runs."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import duel
+from store import record_in_list
+
+from sliderquant import QuantConfig
+
+
+def test_fit_iters_interpolates_between_the_bracketing_points():
+    # 4 iters without torch.compile, 10 and 50 with it: two lines, not one.
+    points = [(4, 300.0), (10, 535.0), (50, 2268.0)]
+    assert duel.fit_iters(points, 535.0) == 10
+    assert duel.fit_iters(points, 350.0) == 5  # on the 4-10 segment (the 10-50 line: 6)
+    assert duel.fit_iters(points, 1401.0) == 30
+    assert duel.fit_iters(points, 3000.0) == 67  # beyond the last point: nearest two
+
+
+def test_cost_lines_and_matched_pairs():
+    def rec(tool, variant, cpu, seed=2, **kw):
+        return {"setting": "W4A16 g64", "tool": tool, "seed": seed, "variant": variant,
+                "cpu_s": cpu, "wikitext2": 20.0, "c4": 30.0, **kw}
+
+    records = [rec("sliderquant", "fast", 1000.0), rec("auto-round", "iters 20", 1100.0,
+                                                       iters=20),
+               rec("auto-round", "iters 50", 2300.0, iters=50),
+               rec("auto-round", "iters 20", 1000.0, seed=3, iters=20)]
+    assert duel.cost_lines(records)[("W4A16 g64", 2)] == [(20, 1100.0), (50, 2300.0)]
+    (ours, theirs), = duel.matched_pairs(records)
+    assert ours["variant"] == "fast" and theirs["variant"] == "iters 20" and theirs["seed"] == 2
+    records[1]["cpu_s"] = 1200.0  # 20 % more: no longer equal compute
+    assert duel.matched_pairs(records) == []
+
+
+def test_record_in_list_replaces_the_same_key_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "r.json"
+    record_in_list(path, {"k": "a", "v": 1}, lambda r: r["k"])
+    record_in_list(path, {"k": "b", "v": 2}, lambda r: r["k"])
+    records = record_in_list(path, {"k": "a", "v": 3}, lambda r: r["k"])
+    assert sorted((r["k"], r["v"]) for r in records) == [("a", 3), ("b", 2)]
+
+
+def test_config_from_flags_is_the_cli_config():
+    flags = ["--preset", "w2a16", "--group-size", "64", "--fast", "--no-rotate", "--seed", "3"]
+    expected = QuantConfig.from_preset("w2a16", fast=True, group_size=64, rotate=False, seed=3)
+    assert duel.config_from_flags(flags) == expected
+
+
+@pytest.mark.parametrize("only,expected", [
+    ("W2A16 g64/seed 3", {("W2A16 g64", 3, "sliderquant"), ("W2A16 g64", 3, "auto-round")}),
+    ("W4A4 rotation/seed 2/auto-round", {("W4A4 rotation", 2, "auto-round")}),
+])
+def test_only_selects_cells_by_their_key(only, expected):
+    args = argparse.Namespace(tool=None, recipes={"fast": "--fast"}, iters=[4], match=None,
+                              only=only)
+    cells = duel.planned(args, {})
+    assert {(s.name, seed, tool) for s, seed, tool, _, _ in cells} == expected
