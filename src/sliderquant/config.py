@@ -477,4 +477,9 @@ def _coerce(key: str, kind: str, value: Any) -> Any:
         if not math.isfinite(number):
             raise ConfigError(f"{key}: {value!r} must be a finite number")
         return number
+    if base == "tuple[int, ...]":  # a list of bit-widths: [2, 3] or "2,3"
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{key}: {value!r} is not a list of whole numbers (e.g. [2, 3])")
+        return tuple(_coerce(key, "int", v) for v in items)
     raise AssertionError(f"QuantConfig.{key} has an unhandled type {kind}")
