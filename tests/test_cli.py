@@ -159,8 +159,9 @@ def test_ctrl_c_is_one_line_naming_resume(capsys, data_root, tmp_path, monkeypat
     assert "interrupted; no window had finished, so there is nothing to --resume" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
-    def interrupt_after_a_window(*_, output_dir, **__):
-        (output_dir / api.CHECKPOINT_DIR).mkdir(parents=True)
+    def interrupt_after_a_window(*_, output_dir, **__):  # output_dir: the locked RunFolder
+        (output_dir.path / api.CHECKPOINT_DIR).mkdir(parents=True)
+        (output_dir.path / api.CHECKPOINT_DIR / "learnables.safetensors").write_bytes(b"")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(api, "quantize", interrupt_after_a_window)

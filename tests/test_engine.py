@@ -22,12 +22,6 @@ def config(**kw):
     return QuantConfig.from_dict({**base, **kw})
 
 
-def learnables(model_or_dir):
-    from safetensors.torch import load_file
-
-    return load_file(str(model_or_dir / "checkpoint" / "learnables.safetensors"))
-
-
 class Crash(Exception):
     pass
 
@@ -51,10 +45,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, intra_mode):
     resumed = tiny_model(layers=4)
     result = quantize(resumed, None, cfg, calib=CALIB, output_dir=tmp_path / "b",
                       resume=True, show_progress=False)
-    a, b = learnables(tmp_path / "a"), learnables(tmp_path / "b")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert not (tmp_path / "b" / "checkpoint").exists()  # the saved model supersedes it
     for pa, pb in zip(full.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(pa, pb)
     assert len(result.report["windows"]) == len(json.loads(

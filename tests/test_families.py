@@ -336,13 +336,7 @@ def test_resume_is_bit_identical(family, tmp_path, deterministic):
     resumed = tiny_model(family)
     result = quantize(resumed, None, cfg, calib=CALIB, device=DEVICE, output_dir=tmp_path / "b",
                       resume=True, show_progress=False)
-    from safetensors.torch import load_file
-
-    a, b = (load_file(str(tmp_path / r / "checkpoint" / "learnables.safetensors"))
-            for r in "ab")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert not (tmp_path / "b" / "checkpoint").exists()  # the saved model supersedes it
     for (name, pa), pb in zip(full.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(pa, pb), name
     record = json.loads((tmp_path / "b" / "sliderquant.json").read_text())

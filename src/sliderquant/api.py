@@ -1,7 +1,7 @@
 """The public Python face: quantize(), evaluate(), save_quantized(), load().
 
-A facade: the quantize pipeline is pipeline.py, the scans sensitivity.py, the ranges
-ranges.py; what remains here are the run-folder functions and the evaluation entry points.
+A facade: the quantize pipeline is pipeline.py, the run folder runfolder.py, the scans
+sensitivity.py, the ranges ranges.py; what remains here are the entry points.
 
     from sliderquant import QuantConfig, quantize
     result = quantize(model, tokenizer, QuantConfig.from_preset("w2a16"), calib="wikitext2:valid")
@@ -15,25 +15,26 @@ import hashlib
 import importlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from sliderquant.atomic import apply_umask, write_text
+from sliderquant import runfolder
+from sliderquant.atomic import write_text
 from sliderquant.calibration import calibration_ids, check_source
-from sliderquant.checkpoint import CheckpointError, CheckpointStore
+from sliderquant.checkpoint import CheckpointError
 from sliderquant.config import ConfigError, QuantConfig
 from sliderquant.data import DataError, resolve_data_root
+from sliderquant.distributed import Collective
 from sliderquant.engine import NonFiniteLossError, WindowRecord
 from sliderquant.eval.divergence import window_divergence
 from sliderquant.eval.perplexity import eval_windows, perplexity_from_nlls, window_nlls
 from sliderquant.eval.zeroshot_data import TASKS as ZEROSHOT_TASKS
+from sliderquant.export import compressed
 from sliderquant.export.source import ExportError, ExportResult
+from sliderquant.export.target import read_marker
 from sliderquant.fold import install_activation_quantization
 from sliderquant.hardware import default_device as default_device
 from sliderquant.hardware import peak_rss_mb as peak_rss_mb
@@ -42,21 +43,26 @@ from sliderquant.models.adapters import (
     DecoderAdapter,
     UnsupportedModelError,
 )
-from sliderquant.models.embedded import EMBEDDED, cache_dir, embedded_gguf
-from sliderquant.models.loading import STORIES, LoadedModel, ModelLoadError, load_model
-from sliderquant.pipeline import RUN_FORMAT, QuantizeResult, model_fingerprint
+from sliderquant.models.embedded import cache_dir
+from sliderquant.models.loading import FLOAT_DTYPES, LoadedModel, ModelLoadError, load_model
+from sliderquant.pipeline import QuantizeResult, model_fingerprint
 from sliderquant.pipeline import preflight as preflight
 from sliderquant.pipeline import quantize as run_pipeline
 from sliderquant.ranges import compare as compare_ranges
+from sliderquant.runfolder import CHECKPOINT_DIR as CHECKPOINT_DIR
+from sliderquant.runfolder import FORMATS as FORMATS
+from sliderquant.runfolder import GRID_FILE as GRID_FILE
+from sliderquant.runfolder import RUN_FILE as RUN_FILE
+from sliderquant.runfolder import RunFolder as RunFolder
+from sliderquant.runfolder import RunFolderError as RunFolderError
+from sliderquant.runfolder import check_formats as check_formats
+from sliderquant.runfolder import load_grids as load_grids
+from sliderquant.runfolder import loadable_ref as loadable_ref
+from sliderquant.runfolder import open_run as open_run
+from sliderquant.runfolder import parse_formats as parse_formats
+from sliderquant.runfolder import read_run_record as read_run_record
+from sliderquant.runfolder import update_run_record as update_run_record
 from sliderquant.sensitivity import DEFAULT_THRESHOLD, Progress, analyse
-
-RUN_FILE = "sliderquant.json"
-GRID_FILE = "quantization.safetensors"  # per-projection step and zero of the weight grid
-CHECKPOINT_DIR = "checkpoint"
-
-
-class RunFolderError(RuntimeError):
-    """The output folder's state does not allow this run (finished run, partial run, …)."""
 
 
 class MissingExtraError(ImportError):
@@ -79,57 +85,80 @@ def quantize(
     *,
     data_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
-    output_dir: str | os.PathLike | None = None,
+    output_dir: str | os.PathLike | RunFolder | None = None,
+    formats: str | tuple[str, ...] | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    evaluation: tuple[str, ...] = (),
+    record: dict | None = None,
     show_progress: bool = True,
     on_unit_end: Callable[[WindowRecord], None] | None = None,
+    warn: Callable[[str], None] = lambda _: None,
 ) -> QuantizeResult:
     """Quantize `model` in place with `config`; return the folded model and a report.
 
     `calib` is a calibration source (`wikitext2:valid`, `c4`, a text file; default
     `config.calib`) or a ready tensor of token ids [n, seqlen]. Windows are trained on
     `device` (default: cuda if available); the model stays where it is, each window's layers
-    visit `device` only while they are run or trained. With `output_dir`, the
-    learnables are checkpointed after every window (`resume=True` continues a killed run)
-    and the folded model is saved there when done (see `save_quantized`). A folder that
-    holds a finished run is refused unless `overwrite=True`.
+    visit `device` only while they are run or trained. With `output_dir` (a path, or a
+    folder already opened with `open_run`), the folder is locked for the run, the learnables
+    are checkpointed after every window (`resume=True` continues a killed run) and the
+    model is saved there in `formats` (default: compressed; see `runfolder.save`). A folder
+    that holds a finished run is refused unless `overwrite=True`. `evaluation` names the
+    evaluation the caller will add before the run counts as finished; `record` holds extra
+    entries for the run record.
+
+    Called on every rank of an initialised `torch.distributed` process group, the run is
+    data parallel (docs/DISTRIBUTED.md): same result, calibration caches split over the
+    ranks; rank 0 alone opens, locks and writes `output_dir` (its errors are raised on
+    every rank), every rank returns the folded model.
     """
-    result = run_pipeline(
-        model, tokenizer, config, calib, data_dir=data_dir, device=device, resume=resume,
-        open_store=(lambda: _prepare_output(Path(output_dir), resume, overwrite))
-        if output_dir else None,
-        show_progress=show_progress, on_unit_end=on_unit_end)
-    if output_dir:
-        save_quantized(result, tokenizer, output_dir)
+    formats = parse_formats(formats)
+    if output_dir is None:
+        return run_pipeline(model, tokenizer, config, calib, data_dir=data_dir,
+                            device=device, resume=resume, show_progress=show_progress,
+                            on_unit_end=on_unit_end)
+    comm = Collective()
+
+    def open_folder() -> RunFolder:
+        check_formats(formats, config, model)
+        return output_dir if isinstance(output_dir, RunFolder) else \
+            open_run(output_dir, resume, overwrite)
+
+    run = comm.on_main(open_folder, share=False)
+    if not comm.is_main:  # the other ranks of a data-parallel run train, rank 0 writes
+        return run_pipeline(model, tokenizer, config, calib, data_dir=data_dir,
+                            device=device, resume=resume, show_progress=show_progress,
+                            on_unit_end=on_unit_end)
+    try:
+        result = run_pipeline(model, tokenizer, config, calib, data_dir=data_dir,
+                              device=device, resume=resume, open_store=lambda: run.checkpoints,
+                              show_progress=show_progress, on_unit_end=on_unit_end)
+        runfolder.save(result, tokenizer, run.path, formats=formats, evaluation=evaluation,
+                       data_root=resolve_data_root(data_dir), entries=record, warn=warn)
+    finally:
+        if run is not output_dir:
+            run.close()
     return result
 
 
-def save_quantized(result: QuantizeResult, tokenizer, output_dir: str | os.PathLike) -> Path:
-    """Write the folded model as a Hugging Face folder plus `sliderquant.json` (written last:
-    its presence marks a finished run). Files are staged and moved in atomically."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".staging-") as staging:
-        result.model.save_pretrained(staging, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        if result.grids:
-            save_file({k: v.contiguous() for k, v in result.grids.items()},
-                      str(Path(staging) / GRID_FILE))
-        for item in Path(staging).iterdir():
-            apply_umask(item)  # safetensors writes its files 0600
-            os.replace(item, out / item.name)
-    write_text(out / RUN_FILE, json.dumps(result.report, indent=1))
-    return out
+def save_quantized(result: QuantizeResult, tokenizer, output_dir: str | os.PathLike,
+                   formats: str | tuple[str, ...] | None = None,
+                   model_ref: str | None = None) -> Path:
+    """Write a quantization result as a finished run folder (see `runfolder.save`):
+    `formats` default to a compressed checkpoint; `model_ref` (how to load the source model
+    again) defaults to what `load` noted on the model."""
+    with open_run(output_dir, overwrite=True) as run:
+        runfolder.save(result, tokenizer, run.path, formats=parse_formats(formats),
+                       model_ref=model_ref)
+    return Path(output_dir)
 
 
-def update_run_record(output_dir: str | os.PathLike, **entries) -> None:
-    """Add entries (e.g. evaluation results) to a finished run's `sliderquant.json`."""
-    path = Path(output_dir) / RUN_FILE
-    record = json.loads(path.read_text())
-    record.update(entries)
-    write_text(path, json.dumps(record, indent=1))
+def resume_evaluation(run: RunFolder, dtype: torch.dtype = torch.float32) -> QuantizeResult:
+    """The model and report of a run whose quantization is saved but whose evaluation did
+    not finish (`run.state == "quantized"`), to evaluate it and `update_run_record`."""
+    loaded = load_quantized(run.path, dtype)
+    return QuantizeResult(model=loaded.model, report=loaded.run)
 
 
 def load(ref: str, data_dir: str | os.PathLike | None = None,
@@ -137,68 +166,68 @@ def load(ref: str, data_dir: str | os.PathLike | None = None,
     """Load any model reference; a sliderquant run folder comes back with its activation
     quantizers installed and its run record in `.run`; a compressed (compressed-tensors
     pack-quantized) folder is unpacked to `dtype`, with the activation quantization it
-    describes (and, for sliderquant's own exports, the run's q/k/v quantization)."""
-    from sliderquant.export import compressed
-    from sliderquant.export.target import read_marker
-
+    describes (and, for sliderquant's own exports, the run's q/k/v quantization). The
+    model remembers `ref` (recorded as `model_ref` when it is quantized and saved)."""
     path = Path(ref).expanduser()
     if (path / RUN_FILE).is_file():
         return load_quantized(path, dtype)
-    if path.is_dir() and compressed.is_compressed_folder(path):
+    if path.is_dir() and (compressed.is_compressed_folder(path)
+                          or read_marker(path).get("format") == "fake"):
+        return _load_export(path, dtype)
+    loaded = load_model(ref, resolve_data_root(data_dir), dtype, trust_remote_code)
+    runfolder.remember_source(loaded.model, ref)
+    return loaded
+
+
+def _load_export(path: Path, dtype: torch.dtype) -> LoadedModel:
+    """A folder written by `export` or by `quantize --format` next to the run's model."""
+    marker = read_marker(path)
+    if compressed.is_compressed_folder(path):
         model, tokenizer = compressed.load_compressed(path, dtype)
-        marker = read_marker(path)
         abits = compressed.activation_bits(path)
-        if abits is not None:
-            install_activation_quantization(DecoderAdapter(model), abits,
-                                            bool(marker.get("quantize_attention")),
-                                            bool(marker.get("quantize_router")))
-        return LoadedModel(model, tokenizer, source=str(path), run=marker.get("run"),
-                           note=f"compressed ({compressed.FORMAT}) checkpoint, weights "
-                                f"unpacked to {str(dtype).removeprefix('torch.')}")
-    return load_model(ref, resolve_data_root(data_dir), dtype, trust_remote_code)
-
-
-def loadable_ref(ref: str) -> str:
-    """`ref` as `load` can resolve it again from any working directory (paths made absolute;
-    model names and hub ids unchanged). Recorded as `model_ref` in a run's record."""
-    if ref in EMBEDDED or ref.lower() == STORIES:  # names win over same-named folders
-        return ref
-    path = Path(ref).expanduser()
-    return str(path.resolve()) if path.exists() else ref
+        attention = bool(marker.get("quantize_attention"))
+        router = bool(marker.get("quantize_router"))
+        note = (f"compressed ({compressed.FORMAT}) checkpoint, weights unpacked to "
+                f"{str(dtype).removeprefix('torch.')}")
+    else:
+        loaded = load_model(str(path), None, dtype)
+        model, tokenizer, note = loaded.model, loaded.tokenizer, loaded.note
+        config = QuantConfig.from_dict(marker["run"]["config"])
+        abits, attention, router = (config.abits, config.quantize_attention,
+                                    config.quantize_router)
+    if abits is not None and abits < 16:
+        install_activation_quantization(DecoderAdapter(model), abits, attention, router)
+    return LoadedModel(model, tokenizer, source=str(path), run=marker.get("run"), note=note)
 
 
 def source_model(run: dict, data_dir: str | os.PathLike | None = None,
                  dtype: torch.dtype = torch.float32) -> LoadedModel:
     """The unquantized model a run record was made from (its `model_ref`)."""
-    ref = run.get("model_ref")
-    if ref is None:  # records written before model_ref: "<name> (embedded default)" or a path
-        ref = run.get("model", "").removesuffix(" (embedded default)")
-        if not ref:
-            raise RunFolderError("the run record does not name its source model; pass the "
-                                 "unquantized model as the reference")
+    ref = runfolder.record_source(run)
+    if ref is None:
+        raise RunFolderError("the run record does not name its source model (it was "
+                             "quantized from a model built in memory); pass the unquantized "
+                             "model as the reference")
     return load(ref, data_dir, dtype)
 
 
-def read_run_record(path: str | os.PathLike) -> dict:
-    """The `sliderquant.json` of a finished run folder."""
-    file = Path(path) / RUN_FILE
-    if not file.is_file():
-        raise RunFolderError(f"{path} is not a finished sliderquant run (no {RUN_FILE})")
-    run = json.loads(file.read_text())
-    if run.get("format") != RUN_FORMAT:
-        raise RunFolderError(f"{path} was written by an incompatible sliderquant version")
-    return run
-
-
 def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Reload a finished run folder for evaluation or generation."""
+    """Reload a saved run folder for evaluation or generation, whichever format its top
+    level holds (compressed, fake, or only a GGUF), with its activation quantizers."""
     path = Path(path)
     run = read_run_record(path)
-    loaded = load_model(str(path), None, dtype)
     config = QuantConfig.from_dict(run["config"])
+    fmt, where = runfolder.model_location(path, run)
+    if fmt == "compressed":
+        model, tokenizer = compressed.load_compressed(where, dtype)
+        loaded = LoadedModel(model, tokenizer, source=str(path))
+    else:
+        loaded = load_model(str(where), None, dtype)
     install_activation_quantization(DecoderAdapter(loaded.model), config.abits,
                                     config.quantize_attention, config.quantize_router)
-    loaded.run, loaded.note = run, run.get("model_note")
+    loaded.source, loaded.run = str(path), run
+    loaded.note = run.get("model_note") or (f"{fmt} model of the run folder"
+                                            if fmt != "fake" else None)
     return loaded
 
 
@@ -216,15 +245,13 @@ def export(
     drop_activation_quantization: bool = False,
     warn: Callable[[str], None] = lambda _: None,
 ) -> ExportResult:
-    """Write a finished run for an inference engine: `compressed` (alias `packed`:
+    """Write a saved run for an inference engine: `compressed` (alias `packed`:
     compressed-tensors pack-quantized for transformers and vLLM; default `RUN/<fmt>`) or
     `gguf` (llama.cpp; default `RUN/model.gguf`). `overwrite` replaces only an earlier
     export. `dtype` (compressed: float16, bfloat16, float32) defaults to the source model's
     own. See `sliderquant.export.compressed` / `.gguf` for the rules."""
-    from sliderquant.export.compressed import write_compressed
     from sliderquant.export.gguf import write_gguf
     from sliderquant.export.target import check_target
-    from sliderquant.models.loading import FLOAT_DTYPES, storage_dtype
 
     folder = Path(run_dir)
     if fmt not in (*EXPORT_FORMATS, *EXPORT_ALIASES):
@@ -239,45 +266,30 @@ def export(
                              "or folder")
     check_target(target, overwrite, folder=fmt != "gguf")
     config = QuantConfig.from_dict(record["config"])
-    loaded = load_model(str(folder), None)
-    grids = load_grids(folder)
-    source = str(record.get("model", ""))
+    stored, where = runfolder.model_location(folder, record)
+    if stored == "gguf":
+        raise ExportError(f"{folder} holds only a GGUF file, which does not keep the learned "
+                          "grids exactly; re-run quantize with --format compressed or fake")
+    loaded = (LoadedModel(*compressed.load_compressed(where), source=str(folder))
+              if stored == "compressed" else load_model(str(where), None))
+    grids = runfolder.load_grids(where)
     if fmt == "gguf":
         return write_gguf(loaded.model, grids, config, loaded.tokenizer, target,
-                          source=source, source_gguf=_source_gguf(record.get("model")),
+                          source=str(record.get("model", "")),
+                          source_gguf=runfolder.source_gguf(record),
                           vocab_from=Path(vocab_from) if vocab_from else None, exact=exact,
                           float_type=float_type, embedding_type=embedding_type,
                           drop_activation_quantization=drop_activation_quantization,
                           warn=warn)
-    ref = record.get("model_ref") or source.removesuffix(" (embedded default)")
-    found = storage_dtype(ref, resolve_data_root(None)) if dtype is None else \
-        (FLOAT_DTYPES[dtype], "--dtype")
+    found = runfolder.half_dtype(record, resolve_data_root(None), dtype)
     chosen, why = found or (loaded.model.dtype, "the source model's own dtype is not known "
                                                 "here, so the run's; --dtype to choose")
-    result = write_compressed(loaded.model, grids, config, loaded.tokenizer, target,
-                              dtype=chosen, record=record,
-                              drop_activation_quantization=drop_activation_quantization)
+    result = compressed.write_compressed(
+        loaded.model, grids, config, loaded.tokenizer, target, dtype=chosen, record=record,
+        drop_activation_quantization=drop_activation_quantization)
     result.notes.insert(0, f"unquantized tensors and scales stored as "
                            f"{str(chosen).removeprefix('torch.')} ({why})")
     return result
-
-
-def _source_gguf(source: str | None) -> Path | None:
-    """The GGUF a run's model was loaded from (its tokenizer and metadata are carried over)."""
-    if not source:
-        return None
-    name = source.removesuffix(" (embedded default)")
-    if name in EMBEDDED:
-        return embedded_gguf(name)
-    path = Path(source)
-    return path if path.suffix == ".gguf" and path.is_file() else None
-
-
-def load_grids(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The weight grids of a run folder (`<module>.step`, `<module>.zero`); empty when the
-    run quantized no weights."""
-    file = Path(path) / GRID_FILE
-    return load_file(str(file)) if file.is_file() else {}
 
 
 def evaluate_perplexity(
@@ -458,21 +470,3 @@ def fp_reference(
     if perplexity_sets or fresh:
         write_text(path, json.dumps(cached, indent=1))
     return results
-
-
-def _prepare_output(out: Path, resume: bool, overwrite: bool) -> CheckpointStore:
-    store = CheckpointStore(out / CHECKPOINT_DIR)
-    if overwrite:
-        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
-        (out / RUN_FILE).unlink(missing_ok=True)
-        return store
-    if (out / RUN_FILE).is_file():
-        raise RunFolderError(f"{out} holds a finished run ({RUN_FILE} exists); choose another "
-                             "--out or pass --overwrite to replace it")
-    if resume and not store.exists():
-        raise CheckpointError(f"nothing to resume in {out} (no {store.path}); "
-                              "start without --resume")
-    if store.exists() and not resume:
-        raise RunFolderError(f"{out} holds an unfinished run; pass --resume to continue it or "
-                             "--overwrite to start over")
-    return store

@@ -8,6 +8,12 @@ code: whole schedule at fraction 1/N, then again at 2/N, …) or one per window 
 `per_window` mode (the paper's wording: every fraction inside each window). The quantized
 cache `X_q` is advanced from the embedding output through finished layers only, so it can
 be rebuilt exactly when a run resumes.
+
+Data parallel (`distributed.Collective` with several ranks): each rank holds only its shard
+of the calibration windows (and so of every cache), computes only its shard's FP targets and
+cache advances, and contributes to each global batch the members it holds; gradients are
+summed over the ranks every step, so every rank takes the single-process optimiser step.
+Only rank 0 is given a checkpoint store (pipeline.py) and shows progress.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from tqdm.auto import tqdm
 
 from sliderquant.checkpoint import CheckpointError, CheckpointStore
 from sliderquant.config import QuantConfig
+from sliderquant.distributed import Collective, Shard
 from sliderquant.quant.layer import QuantDecoderLayer
 from sliderquant.quant.learnables import optimiser_groups
 from sliderquant.schedule import Window, build_schedule, check_coverage, fixed, parse_schedule
@@ -107,6 +114,7 @@ class Engine:
         fingerprint: str = "",
         on_unit_end: Callable[[WindowRecord], None] | None = None,
         show_progress: bool = True,
+        collective: Collective | None = None,
     ):
         self.layers = layers
         self.cos, self.sin = (t.to(device) for t in rope)
@@ -115,17 +123,22 @@ class Engine:
         self.store = store
         self.fingerprint = fingerprint
         self.on_unit_end = on_unit_end
-        self.show_progress = show_progress
+        self.comm = collective or Collective()
+        self.show_progress = show_progress and self.comm.is_main
         self.schedule = make_schedule(config, len(layers))
         self.units = make_units(config, self.schedule)
         self.records: list[WindowRecord] = []
+        self.peak_cache_bytes = 0  # most bytes the activation caches held at once (this rank)
 
     # ---- public ---------------------------------------------------------------------------
-    def run(self, x0: torch.Tensor, resume: bool = False) -> list[WindowRecord]:
-        """Train every unit not yet done; `x0` is the embedding output [n, T, d] on the host."""
+    def run(self, x0: torch.Tensor, resume: bool = False,
+            shard: Shard | None = None) -> list[WindowRecord]:
+        """Train every unit not yet done; `x0` is the embedding output on the host of the
+        calibration windows `shard` [len(shard), T, d] (default: all of them)."""
+        if shard is None:
+            shard = Shard(0, x0.shape[0], x0.shape[0])
         done = self._restore() if resume else -1
-        n = x0.shape[0]
-        per_epoch = math.ceil(n / self.config.batch_size)
+        per_epoch = math.ceil(shard.total / self.config.batch_size)
         steps_per_unit = [len(u.train_rates) * self.config.epochs_per_stage * per_epoch
                           for u in self.units]
         bar = tqdm(total=sum(steps_per_unit), initial=sum(steps_per_unit[:done + 1]),
@@ -140,14 +153,17 @@ class Engine:
             if xq_stage != unit.stage:
                 xq, xq_pos, xq_stage = x0, 0, unit.stage
                 fp_cache = {0: x0}
-            xq = self._forward(range(xq_pos, start), xq, True, unit.advance_rate)
+            if start > xq_pos:
+                self._measure(x0, xq, *fp_cache.values(), pending=xq)
+                xq = self._forward(range(xq_pos, start), xq, True, unit.advance_rate)
             xq_pos = start
-            target = self._fp_state(fp_cache, unit.layers[-1] + 1)
+            target = self._fp_state(fp_cache, unit.layers[-1] + 1, held=(x0, xq))
+            self._measure(x0, xq, *fp_cache.values())
             for j in [j for j in fp_cache if 0 < j < start]:
                 del fp_cache[j]
             bar.set_description(f"stage {unit.stage + 1} window {unit.window + 1}/"
                                 f"{len(self.schedule)} layers {start}-{unit.layers[-1]}")
-            record = self._train_unit(unit, index, xq, target, bar)
+            record = self._train_unit(unit, index, xq, target, shard, bar)
             self.records.append(record)
             self._save(index)
             if self.on_unit_end is not None:
@@ -197,14 +213,25 @@ class Engine:
                     out[lo:lo + size] = h.to(out.dtype).to(out.device)
         return out
 
-    def _fp_state(self, cache: dict[int, torch.Tensor], position: int) -> torch.Tensor:
-        """FP hidden state entering layer `position`, computed once per stage and cached."""
+    def _fp_state(self, cache: dict[int, torch.Tensor], position: int,
+                  held: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """FP hidden state entering layer `position`, computed once per stage and cached
+        (`held`: the other caches alive meanwhile, for the memory record)."""
         if position not in cache:
             base = max(j for j in cache if j < position)
+            self._measure(*held, *cache.values(), pending=cache[base])
             cache[position] = self._forward(range(base, position), cache[base], False, 1.0)
         return cache[position]
 
-    def _train_unit(self, unit: Unit, index: int, xq, target, bar) -> WindowRecord:
+    def _measure(self, *caches: torch.Tensor, pending: torch.Tensor | None = None) -> None:
+        """Record the bytes of `caches` (each storage once) plus a `pending`-sized output
+        about to be allocated next to them."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in caches if t.numel()}
+        held = sum(storages.values()) + (pending.nbytes if pending is not None else 0)
+        self.peak_cache_bytes = max(self.peak_cache_bytes, held)
+
+    def _train_unit(self, unit: Unit, index: int, xq, target, shard, bar) -> WindowRecord:
         layers = [self.layers[i] for i in unit.layers]
         snapshot = {k: v.detach().clone() for k, v in learnable_state(layers).items()}
         bar_start, lr_factor, retry = bar.n, 1.0, 0
@@ -215,13 +242,15 @@ class Engine:
             try:
                 with self._placed(layers):
                     final_rate = unit.train_rates[-1]
-                    record.initial_loss = self._loss(layers, xq, target, final_rate)
+                    record.initial_loss = self._loss(layers, xq, target, shard, final_rate)
                     for k, rate in enumerate(unit.train_rates):
                         generator = torch.Generator().manual_seed(
                             self.config.seed * 1_000_003 + index * 17 + k)
-                        record.epoch_losses += self._optimise(layers, xq, target, rate,
+                        record.epoch_losses += self._optimise(layers, xq, target, shard, rate,
                                                               generator, lr_factor, bar)
-                    record.final_loss = self._loss(layers, xq, target, final_rate)
+                    record.final_loss = self._loss(layers, xq, target, shard, final_rate)
+                # replicas agree already (same reduced gradients); this makes it exact
+                self.comm.broadcast_(learnable_state(layers).values())
                 record.seconds = time.perf_counter() - began
                 return record
             except NonFiniteLossError:
@@ -239,14 +268,18 @@ class Engine:
             retry += 1
             bar.n = bar_start
             bar.refresh()
-            tqdm.write(f"non-finite loss in window {unit.window}: restored its learnables, "
-                       f"retrying at {lr_factor:g}x the learning rate")
+            if self.comm.is_main:
+                tqdm.write(f"non-finite loss in window {unit.window}: restored its learnables, "
+                           f"retrying at {lr_factor:g}x the learning rate")
 
     @torch.no_grad()
-    def _loss(self, layers, xq, target, rate) -> float:
+    def _loss(self, layers, xq, target, shard, rate) -> float:
         """Mean squared error of the window's quantized output on the first LOSS_PASS_ROWS
-        calibration rows, in inference chunks (the mean an epoch's loss takes)."""
-        xq, target = xq[:LOSS_PASS_ROWS], target[:LOSS_PASS_ROWS]
+        calibration rows, in inference chunks (the mean an epoch's loss takes); each rank
+        sums the rows of those it holds."""
+        first = min(LOSS_PASS_ROWS, shard.total)
+        rows = shard.local(torch.arange(first))
+        xq, target = xq[rows], target[rows]
         total, size = 0.0, self.config.inference_batch_size
         with self._autocast():
             for lo in range(0, xq.shape[0], size):
@@ -255,14 +288,20 @@ class Engine:
                     h = layer(h, self.cos, self.sin, True, rate)
                 y = target[lo:lo + size].to(self.device)
                 total += F.mse_loss(h.float(), y.float(), reduction="sum").item()
-        return total / target.numel()
+        return self.comm.sum(total) / (first * math.prod(target.shape[1:]))
 
-    def _optimise(self, layers, xq, target, rate, generator, lr_factor, bar) -> list[float]:
+    def _optimise(self, layers, xq, target, shard, rate, generator, lr_factor, bar
+                  ) -> list[float]:
+        """AdamW over the window's learnables. Batches are drawn from one permutation of all
+        `shard.total` windows; this rank runs the members it holds, its loss weighted by
+        their share of the batch, so the gradients summed over the ranks are those of the
+        batch's mean loss."""
         cfg = self.config
         lrs = cfg.learning_rates
         param_groups = [{"params": p, "lr": lrs[name] * lr_factor}
                         for name, p in optimiser_groups(layers).items() if p and lrs[name] > 0]
-        n = xq.shape[0]
+        params = [p for group in param_groups for p in group["params"]]
+        n = shard.total
         epochs = cfg.epochs_per_stage
         total = epochs * math.ceil(n / cfg.batch_size)
         if not param_groups:
@@ -277,20 +316,24 @@ class Engine:
             epoch_loss = 0.0
             for lo in range(0, n, cfg.batch_size):
                 idx = order[lo:lo + cfg.batch_size]
-                x = xq[idx].to(self.device)
-                y = target[idx].to(self.device)
-                with self._autocast():
-                    h = x
-                    for layer in layers:
-                        h = layer(h, self.cos, self.sin, True, rate)
-                    loss = F.mse_loss(h.float(), y.float())
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError
+                mine = shard.local(idx)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = None
+                if len(mine):
+                    x = xq[mine].to(self.device)
+                    y = target[mine].to(self.device)
+                    with self._autocast():
+                        h = x
+                        for layer in layers:
+                            h = layer(h, self.cos, self.sin, True, rate)
+                        loss = F.mse_loss(h.float(), y.float()) * (len(mine) / len(idx))
+                    loss.backward()
+                batch_loss = self.comm.reduce_gradients(loss, params)
+                if not math.isfinite(batch_loss):
+                    raise NonFiniteLossError
                 optimizer.step()
                 schedule.step()
-                epoch_loss += loss.item() * len(idx)
+                epoch_loss += batch_loss * len(idx)
                 bar.update(1)
             losses.append(epoch_loss / n)
             bar.set_postfix(loss=f"{losses[-1]:.3g}")
@@ -305,7 +348,14 @@ class Engine:
         self.store.save(learnable_state(self.layers), progress)
 
     def _restore(self) -> int:
-        """Load the checkpoint into the layers; return the index of the last finished unit."""
+        """Load the checkpoint into the layers (rank 0 reads it, every rank receives it);
+        return the index of the last finished unit."""
+        done, records = self.comm.on_main(self._read_checkpoint)
+        self.comm.broadcast_(learnable_state(self.layers).values())
+        self.records = [WindowRecord(**r) for r in records]
+        return done
+
+    def _read_checkpoint(self) -> tuple[int, list[dict]]:
         if self.store is None:
             raise CheckpointError("resume needs a checkpoint store")
         tensors, progress = self.store.load()
@@ -324,5 +374,4 @@ class Engine:
         with torch.no_grad():
             for name, value in state.items():
                 value.copy_(tensors[name])
-        self.records = [WindowRecord(**r) for r in progress["records"]]
-        return int(progress["done_unit"])
+        return int(progress["done_unit"]), progress["records"]

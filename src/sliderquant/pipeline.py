@@ -3,8 +3,13 @@ preflight -> calibration ids -> (rotation) -> (auto schedule) -> (mixed-precisio
 allocation) -> quantize every layer
 (span.py: views, capture, windows, fold) -> run-time activation quantizers -> report.
 
-Run folders (checkpoint location, saving, the run record on disk) belong to the caller
-(`api.quantize`); the pipeline only receives the checkpoint store to use.
+Run folders (lock, checkpoint location, saving, the run record on disk) belong to
+runfolder.py; the pipeline only receives the checkpoint store to use.
+
+Inside an initialised `torch.distributed` process group every rank runs this pipeline on
+its own copy of the model; the calibration windows are sharded over the ranks (see
+engine.py), the store is opened and the auto schedule resolved by rank 0 alone, and every
+rank returns the same folded model.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from sliderquant.calibration import calibration_ids
 from sliderquant.checkpoint import CheckpointStore
 from sliderquant.config import AUTO_SCHEDULE, ConfigError, QuantConfig
 from sliderquant.data import resolve_data_root
+from sliderquant.distributed import Collective
 from sliderquant.engine import WindowRecord, make_schedule
 from sliderquant.expert_coverage import ExpertCoverage
 from sliderquant.fold import install_activation_quantization
@@ -56,6 +62,12 @@ def preflight(model: torch.nn.Module, config: QuantConfig) -> DecoderAdapter:
     adapter.check_group_size(config.group_size)
     if config.allocates:
         check_budget(model, config)
+    if config.trains and config.schedule != AUTO_SCHEDULE:
+        try:
+            make_schedule(config, adapter.num_layers)
+        except ValueError as e:
+            raise ConfigError(f"schedule for this {adapter.num_layers}-layer model: {e}"
+                              ) from None
     return adapter
 
 
@@ -120,10 +132,11 @@ def quantize(
     """Quantize `model` in place with `config`; return the folded model and its report.
 
     `calib`: a calibration source name (overrides `config.calib`) or token ids [n, seqlen].
-    `open_store` is called once the inputs are checked and before any expensive work; the
-    store it returns receives a checkpoint after every window (`resume` continues from it).
-    See `api.quantize` for the rest.
+    `open_store` is called (by rank 0 alone) once the inputs are checked and before any
+    expensive work; the store it returns receives a checkpoint after every window (`resume`
+    continues from it). See `api.quantize` for the rest.
     """
+    comm = Collective()
     timings: dict[str, float] = {}
     began, began_cpu = time.perf_counter(), time.process_time()
     if isinstance(calib, str):
@@ -133,7 +146,8 @@ def quantize(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the report's peak is quantization's own
     data_root = resolve_data_root(data_dir)
-    store = open_store() if open_store else None
+    # rank 0 alone owns the run folder and the store; the others learn of its errors
+    store = comm.on_main(lambda: open_store() if open_store else None, share=False)
 
     t = time.perf_counter()
     if isinstance(calib, torch.Tensor):
@@ -151,6 +165,7 @@ def quantize(
     fingerprint = hashlib.sha256(
         (config.fingerprint() + model_fingerprint(model)).encode()
         + ids.numpy().tobytes()).hexdigest()[:16]
+    comm.check_same(fingerprint, "the model, settings or calibration windows")
 
     rotation = None
     if config.rotate:
@@ -161,7 +176,7 @@ def quantize(
     auto = None
     if config.schedule == AUTO_SCHEDULE and config.trains:
         t = time.perf_counter()
-        config, auto = resolve_auto_schedule(model, config, ids)
+        config, auto = comm.on_main(lambda: resolve_auto_schedule(model, config, ids))
         timings["auto_schedule_s"] = time.perf_counter() - t
 
     allocation = None
@@ -174,11 +189,13 @@ def quantize(
         fingerprint = hashlib.sha256(
             (fingerprint + allocation.fingerprint()).encode()).hexdigest()[:16]
 
+    memory: dict[str, int] = {}
     coverage: list[ExpertCoverage] = []
     records, grids = quantize_span(adapter, config, ids, device, store=store,
                                    fingerprint=fingerprint, resume=resume,
                                    on_unit_end=on_unit_end, show_progress=show_progress,
-                                   timings=timings, coverage=coverage,
+                                   timings=timings, memory=memory, coverage=coverage,
+                                   collective=comm,
                                    formats=allocation.formats if allocation else None)
     if allocation:  # the loss of the finished weights on the windows the scan measured
         allocation.record["final_loss"] = calibration_loss(
@@ -213,4 +230,15 @@ def quantize(
         report["experts"] = coverage[0].to_dict()
     if device.type == "cuda":
         report["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    report["ranks"] = _rank_report(comm, len(ids), memory.get("peak_cache_bytes", 0), report)
     return QuantizeResult(model=model, report=report, grids=grids)
+
+
+def _rank_report(comm: Collective, num_samples: int, cache_bytes: int, report: dict) -> dict:
+    """Per rank (in rank order): calibration windows held, peak bytes of the activation
+    caches, peak RSS (and GPU) MiB. One rank when the run was not data parallel."""
+    mine = {"samples": len(comm.shard(num_samples)), "peak_cache_bytes": cache_bytes,
+            "peak_rss_mb": report["peak_rss_mb"], "peak_gpu_mb": report.get("peak_gpu_mb")}
+    ranks = comm.gather(mine)
+    return {"world_size": comm.world_size, "backend": comm.backend,
+            **{key: [r[key] for r in ranks] for key in mine}}

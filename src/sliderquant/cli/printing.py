@@ -55,11 +55,12 @@ def print_summary(results: dict, fp: dict | None, size_bytes: int, peak_rss_mb: 
             change = (f"{(value / base - 1) * 100:+.1f} %" if "ppl" in r
                       else f"{value - base:+.4f}")
             print(f"{label:<24}{_number(base):>10}{_number(value):>12}{change:>11}")
-    quantize = phases["quantize"]
+    quantize = phases.get("quantize")  # absent when --resume only finished the evaluation
     memory = f"peak memory {peak_rss_mb:.0f} MiB RSS" + (
         f", {peak_gpu_mb:.0f} MiB GPU" if peak_gpu_mb else "")
-    print(f"quantize time {quantize['wall_s']:.0f} s ({quantize['cpu_s']:.0f} CPU s); size on "
-          f"disk {size_bytes / 2**20:.1f} MiB; {memory}")
+    took = (f"quantize time {quantize['wall_s']:.0f} s ({quantize['cpu_s']:.0f} CPU s); "
+            if quantize else "")
+    print(f"{took}size on disk {size_bytes / 2**20:.1f} MiB; {memory}")
     trained = [w for w in windows if w.get("initial_loss") and after_loss(w)]
     if trained:
         ratios = sorted(after_loss(w) / w["initial_loss"] for w in trained)

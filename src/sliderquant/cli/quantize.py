@@ -1,4 +1,8 @@
-"""`sliderquant quantize`: quantize, fold, save and evaluate a model."""
+"""`sliderquant quantize`: quantize, fold, save and evaluate a model.
+
+Under `torchrun --nproc-per-node N` every rank quantizes (data parallel, see
+docs/DISTRIBUTED.md); rank 0 alone evaluates, writes the run folder and prints.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import contextlib
 import time
 from pathlib import Path
 
+from sliderquant import distributed
 from sliderquant.cli import options
 from sliderquant.cli.options import finite_float, positive_int
 from sliderquant.cli.printing import print_expert_tokens, print_results, print_summary, say
@@ -23,8 +28,9 @@ from sliderquant.config import (
 NAME = "quantize"
 HELP = "quantize a model, save it, report its perplexity"
 DESCRIPTION = (
-    "Quantize MODEL, fold the learnables into plain weights, save a Hugging Face folder with "
-    "sliderquant.json, evaluate it against the FP model, and end with a summary table and "
+    "Quantize MODEL, fold the learnables into plain weights, save it (by default as a "
+    "compressed checkpoint that plain transformers loads; --format) with sliderquant.json, "
+    "evaluate it against the FP model, and end with a summary table and "
     "where the time went. --scheme names what the quantized model is (auto-round / "
     "llm-compressor names: W4A16 = 4-bit weights in groups of 128, symmetric); --preset the "
     "training recipe (epochs, learning rates, learnables, rotation); without --preset a "
@@ -128,8 +134,15 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     for name, key, text in _CONFIG_SWITCHES:
         q.add_argument(f"--{name}", dest=key, action=argparse.BooleanOptionalAction,
                        default=None, help=text)
+    q.add_argument("--format", default="compressed",
+                   help="what to write, comma-separated: compressed (compressed-tensors "
+                        "pack-quantized, loads in plain transformers; default), gguf "
+                        "(OUT/model.gguf, llama.cpp), fake (fp32 fake-quantized folder). The "
+                        "first of compressed/fake fills --out itself, a second goes to "
+                        "OUT/<format>")
     q.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run in --out from its last finished window")
+                   help="continue an interrupted run in --out from its last finished window, "
+                        "or finish its evaluation")
     q.add_argument("--overwrite", action="store_true",
                    help="replace a finished or unfinished run in --out")
     options.add_eval_arguments(q, default_tasks="wikitext2,c4")
@@ -152,12 +165,16 @@ def _config_from_args(args: argparse.Namespace) -> QuantConfig:
 
 def interrupted(args: argparse.Namespace) -> str:
     """What to do after Ctrl-C, from what the run left in --out."""
-    from sliderquant.api import CHECKPOINT_DIR, RUN_FILE
+    from sliderquant.runfolder import state_of
 
-    if (args.out / RUN_FILE).is_file():
+    state = state_of(args.out) if args.out.is_dir() else "new"
+    if state == "finished":
         return (f"the quantized model is saved in {args.out}; evaluate it with "
                 f"`sliderquant eval {args.out}`")
-    if (args.out / CHECKPOINT_DIR).is_dir():
+    if state == "quantized":
+        return (f"the quantized model is saved in {args.out} but its evaluation did not "
+                "finish; run the same command with --resume to finish it")
+    if state == "partial":
         return (f"the windows finished so far are checkpointed in {args.out}; run the same "
                 "command with --resume to continue")
     return "no window had finished, so there is nothing to --resume; run the command again"
@@ -172,64 +189,90 @@ def run(args: argparse.Namespace) -> int:
 
     clock = Clock()
     config = _config_from_args(args)
+    formats = api.parse_formats(args.format)
+    api.check_formats(formats, config)
     tasks = options.parse_tasks(args.tasks)
     perplexity_sets, lm_eval_tasks = options.split_tasks(tasks)
-    device = options.compute_device(args.device)
+    device = distributed.launch(options.compute_device(args.device))
+    main = distributed.Collective().is_main
+    args.quiet = args.quiet or not main
     data_root = resolve_data_root(args.data_dir)
     if config.trains:
         check_source(config.calib, data_root, config.chat_template)
     check_data(perplexity_sets, data_root)
     if lm_eval_tasks:
         api.check_tasks(lm_eval_tasks)
-    with clock("load"):
-        loaded = api.load(args.model, args.data_dir, options.torch_dtype(args.dtype),
-                          args.trust_remote_code)
-    if loaded.run is not None:
-        raise api.RunFolderError(f"{args.model} is already a quantized run; quantize the "
-                                 "original model instead")
-    api.preflight(loaded.model, config)
-    eval_seqlen = options.eval_length(loaded.model, args.eval_seqlen, args)
-    fp = None
-    if tasks and args.fp_reference:
-        say(args, "evaluating the unquantized model (cached after the first time)")
-        with clock("FP reference"):
-            fp = api.fp_reference(loaded.model.to(device), loaded.tokenizer, tasks, eval_seqlen,
-                                  args.eval_windows, args.data_dir, not args.quiet, args.limit)
-        loaded.model.to("cpu")  # quantization keeps the model on the host, windows on `device`
-    calib = (f"{config.nsamples}x{config.seqlen} tokens of {config.calib}"
-             + (" (chat template)" if config.chat_template else "") if config.trains
-             else "no calibration data")
-    say(args, f"quantizing {loaded.source}: {config.method} {_bits(config)} ({config.preset}), "
-              f"{calib}" + (f", {config.epochs} epochs per window" if config.trains else ""))
-    with clock("quantize"):
-        result = api.quantize(loaded.model, loaded.tokenizer, config, data_dir=args.data_dir,
-                              device=device, output_dir=args.out, resume=args.resume,
-                              overwrite=args.overwrite, show_progress=not args.quiet)
-    entries = {"model": loaded.source, "model_ref": api.loadable_ref(args.model),
-               "model_note": loaded.note,
-               "data_root": str(data_root.resolve()) if data_root else None}
-    if tasks:
-        scores = {}
-        with clock("evaluation"):
-            model = result.model.to(device)
-            if perplexity_sets:
-                scores.update(api.evaluate_perplexity(
-                    model, loaded.tokenizer, perplexity_sets, eval_seqlen, args.eval_windows,
-                    args.data_dir, not args.quiet))
-            if lm_eval_tasks:
-                scores.update(api.evaluate_zeroshot(model, loaded.tokenizer, lm_eval_tasks,
-                                                    args.limit, args.data_dir, not args.quiet))
-        entries["eval"] = scores
-        if fp is not None:
-            entries["eval_fp"] = fp
-    entries["phases"] = clock.record(result.report["timings"])
-    api.update_run_record(args.out, **entries)
+    comm = distributed.Collective()
+    # rank 0 alone opens and locks the folder; the others learn of its errors and its state
+    opened = comm.on_main(lambda: api.open_run(args.out, args.resume, args.overwrite),
+                          share=False)
+    state = comm.on_main(lambda: opened.state)
+    with opened if main else contextlib.nullcontext() as out:
+        with clock("load"):
+            loaded = api.load(args.model, args.data_dir, options.torch_dtype(args.dtype),
+                              args.trust_remote_code)
+        if loaded.run is not None:
+            raise api.RunFolderError(f"{args.model} is already a quantized run; quantize the "
+                                     "original model instead")
+        api.preflight(loaded.model, config)
+        api.check_formats(formats, config, loaded.model)
+        eval_seqlen = options.eval_length(loaded.model, args.eval_seqlen, args)
+        fp = None
+        if tasks and args.fp_reference and main:
+            say(args, "evaluating the unquantized model (cached after the first time)")
+            with clock("FP reference"):
+                fp = api.fp_reference(loaded.model.to(device), loaded.tokenizer, tasks, eval_seqlen,
+                                      args.eval_windows, args.data_dir, not args.quiet, args.limit)
+            loaded.model.to("cpu")  # quantization keeps the model on the host, windows on `device`
+        calib = (f"{config.nsamples}x{config.seqlen} tokens of {config.calib}"
+                 + (" (chat template)" if config.chat_template else "") if config.trains
+                 else "no calibration data")
+        if state != "quantized":
+            say(args, f"quantizing {loaded.source}: {config.method} {_bits(config)} "
+                      f"({config.preset}), {calib}"
+                      + (f", {config.epochs} epochs per window" if config.trains else ""))
+        entries = {"model": loaded.source, "model_ref": api.loadable_ref(args.model),
+                   "model_note": loaded.note,
+                   "data_root": str(data_root.resolve()) if data_root else None}
+        if state == "quantized" and not main:
+            return 0
+        if state == "quantized":
+            say(args, f"{args.out} holds the quantized model: finishing its evaluation")
+            result = api.resume_evaluation(out)
+        else:
+            with clock("quantize"):
+                result = api.quantize(loaded.model, loaded.tokenizer, config,
+                                      data_dir=args.data_dir, device=device,
+                                      output_dir=out if main else args.out,
+                                      formats=formats, resume=args.resume, evaluation=tasks,
+                                      record=entries, show_progress=not args.quiet,
+                                      warn=lambda text: say(args, f"warning: {text}"))
+        if not main:
+            return 0
+        if tasks:
+            scores = {}
+            with clock("evaluation"):
+                model = result.model.to(device)
+                if perplexity_sets:
+                    scores.update(api.evaluate_perplexity(
+                        model, loaded.tokenizer, perplexity_sets, eval_seqlen, args.eval_windows,
+                        args.data_dir, not args.quiet))
+                if lm_eval_tasks:
+                    scores.update(api.evaluate_zeroshot(model, loaded.tokenizer, lm_eval_tasks,
+                                                        args.limit, args.data_dir, not args.quiet))
+            entries["eval"] = scores
+            if fp is not None:
+                entries["eval_fp"] = fp
+        entries["phases"] = clock.record(result.report["timings"])
+        api.update_run_record(args.out, finished=True, **entries)
     report = result.report
     peak = api.peak_rss_mb()
     print(f"saved {args.out}: {config.method} {_bits(config)}"
           + (f" ({config.scheme})" if config.scheme else "") + f", preset {config.preset}")
     if loaded.note:
         print(f"note: {loaded.note}")
+    for line in api.read_run_record(args.out).get("notes", []):
+        print(f"note: {line}")
     if report.get("experts"):
         print_expert_tokens(report["experts"])
     if report.get("auto_schedule"):

@@ -378,8 +378,8 @@ def _module_bits(groups: list[dict], module: str) -> int:
 
 
 def load_compressed(folder: Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) of a pack-quantized folder, weights unpacked to `dtype` without
-    needing the compressed-tensors package. Activation quantization is not installed here
+    """(model, tokenizer or None) of a pack-quantized folder, weights unpacked to `dtype`
+    without needing the compressed-tensors package. Activation quantization is not installed here
     (see `activation_bits`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -415,7 +415,9 @@ def load_compressed(folder: Path, dtype: torch.dtype = torch.float32):
                           f"unexpected {unexpected})")
     if tied:
         model.tie_weights()
-    return model.eval(), AutoTokenizer.from_pretrained(folder)
+    has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json",
+                                                          "tokenizer_config.json"))
+    return model.eval(), AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
 
 
 def _fuse_experts(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -435,3 +437,26 @@ def _fuse_experts(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
 def _config_dtype(config) -> torch.dtype:
     dtype = getattr(config, "dtype", None) or torch.float32
     return FLOAT_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+
+
+def read_grids(folder: Path) -> dict[str, torch.Tensor]:
+    """The weight grids (`<module>.step` / `.zero`, float32 [out, n_groups], as
+    `fold.fold_layers` returns them) of a pack-quantized folder: the scales as stored, the
+    zero points unpacked (2**(bits-1) for a symmetric grid)."""
+    qc = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    groups = list(qc.get("config_groups", {}).values())
+    bits = int(groups[0]["weights"]["num_bits"])
+    raw = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        raw.update(load_file(str(file)))
+    grids = {}
+    for name, scale in raw.items():
+        if not name.endswith(".weight_scale"):
+            continue
+        module = name[: -len(".weight_scale")]
+        step = scale.float().reshape(scale.shape[0], -1)
+        packed_zero = raw.get(f"{module}.weight_zero_point")
+        zero = (unpack_int32(packed_zero, bits, step.shape[0], dim=0) + 2 ** (bits - 1)
+                if packed_zero is not None else torch.full_like(step, 2 ** (bits - 1)))
+        grids[f"{module}.step"], grids[f"{module}.zero"] = step, zero.float().reshape(step.shape)
+    return grids
