@@ -442,10 +442,10 @@ def _config_dtype(config) -> torch.dtype:
 def read_grids(folder: Path) -> dict[str, torch.Tensor]:
     """The weight grids (`<module>.step` / `.zero`, float32 [out, n_groups], as
     `fold.fold_layers` returns them) of a pack-quantized folder: the scales as stored, the
-    zero points unpacked (2**(bits-1) for a symmetric grid)."""
+    zero points unpacked (2**(bits-1) for a symmetric grid), and `.bits` from the config
+    group targeting the module (a mixed-precision checkpoint has one per bit-width)."""
     qc = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
     groups = list(qc.get("config_groups", {}).values())
-    bits = int(groups[0]["weights"]["num_bits"])
     raw = {}
     for file in sorted(folder.glob("*.safetensors")):
         raw.update(load_file(str(file)))
@@ -454,9 +454,11 @@ def read_grids(folder: Path) -> dict[str, torch.Tensor]:
         if not name.endswith(".weight_scale"):
             continue
         module = name[: -len(".weight_scale")]
+        bits = _module_bits(groups, module)
         step = scale.float().reshape(scale.shape[0], -1)
         packed_zero = raw.get(f"{module}.weight_zero_point")
         zero = (unpack_int32(packed_zero, bits, step.shape[0], dim=0) + 2 ** (bits - 1)
                 if packed_zero is not None else torch.full_like(step, 2 ** (bits - 1)))
         grids[f"{module}.step"], grids[f"{module}.zero"] = step, zero.float().reshape(step.shape)
+        grids[f"{module}.bits"] = torch.tensor([bits])
     return grids
