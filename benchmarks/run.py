@@ -2,6 +2,7 @@
 
     python benchmarks/run.py main --data-dir ../shared/data        # methods x bits table
     python benchmarks/run.py fast-lr --data-dir ../shared/data     # tuning of the --fast LRs
+    python benchmarks/run.py mixed --data-dir ../shared/data       # average-bit budgets
 
 Results accumulate in docs/results/<suite>.json (a finished cell is not rerun unless
 --rerun), and docs/results/<suite>.md holds the table. A cell's wall time and peak RSS are
@@ -14,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -153,8 +155,36 @@ REFERENCES = {"ablations": [
 ], "budget": [({"setting": "W4A16 (--fast)", "method": "sliderquant (main.md)"}, "main",
                "W4A16/sliderquant")]}
 
+# The mixed suite's one training budget, the same for every cell: the w2a16 --fast recipe
+# (its learning rates) at a quarter of its optimiser steps (8 samples x 2 epochs instead of
+# 16 x 4), so that four cells fit the shared 2-core machine (~1,300 CPU s per --fast W2 cell).
+MIXED_BUDGET = ["--preset", "w2a16", *BUDGET, "--nsamples", "8", "--epochs", "2"]
+
+
+def mixed_suite() -> list[Cell]:
+    """Mixed precision under an average-bit budget (docs/MIXED.md) against uniform 2- and
+    3-bit g64 grids, all with one training budget (MIXED_BUDGET: same recipe, calibration
+    ids, samples and epochs; the uniform 3-bit cell is the same recipe at --wbits 3). Every
+    cell is exported to both formats and measured on disk; cells marked `reload` are
+    evaluated again from both exports. 2-bit g64 alone stores 2.28 bits per weight (codes,
+    scales, zero points), so the 2.25-bit budget starts from g128."""
+    g64, g128 = ["--group-size", "64"], ["--group-size", "128"]
+    fisher = ["--alloc-unit", "projection", "--alloc-score", "fisher"]
+    rows = [  # (key, setting, allocation, args, reload the exports)
+        ("W2 g64", "uniform 2-bit g64", "-", [*MIXED_BUDGET, *g64], False),
+        ("W3 g64", "uniform 3-bit g64", "-", [*MIXED_BUDGET, *g64, "--wbits", "3"], False),
+        ("2.5 projection fisher", "2.5 bits, g64", "projection, fisher",
+         [*MIXED_BUDGET, *g64, "--avg-bits", "2.5", *fisher], True),
+        ("2.25 projection fisher g128", "2.25 bits, g128", "projection, fisher",
+         [*MIXED_BUDGET, *g128, "--avg-bits", "2.25", *fisher], False),
+    ]
+    return [Cell(key, {"setting": setting, "allocation": alloc, "reload": reload}, args)
+            for key, setting, alloc, args, reload in rows]
+
+
 SUITES = {"main": main_suite, "w2-investigation": w2_investigation_suite,
-          "fast-lr": fast_lr_suite, "ablations": ablation_suite, "budget": budget_suite}
+          "fast-lr": fast_lr_suite, "ablations": ablation_suite, "budget": budget_suite,
+          "mixed": mixed_suite}
 
 
 def run_cell(cell: Cell, data_dir: str) -> dict:
@@ -186,6 +216,184 @@ def run_cell(cell: Cell, data_dir: str) -> dict:
         "final_window_losses": [w["epoch_losses"][-1] for w in record["windows"]
                                 if w["epoch_losses"]][-3:],
     }
+
+
+def _child_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _sliderquant(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sliderquant", *args], capture_output=True,
+                          text=True)
+
+
+def _tensor_bytes(folder: Path) -> int:
+    """Bytes of the quantized projections' tensors (packed codes, scales, zero points) in a
+    compressed folder's safetensors files."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                if name.rpartition(".")[2] in ("weight_packed", "weight_scale",
+                                               "weight_zero_point"):
+                    t = f.get_tensor(name)
+                    total += t.numel() * t.element_size()
+    return total
+
+
+def _gguf_bytes(path: Path) -> tuple[int, dict[str, int]]:
+    """Bytes of the quantized projections' tensors in a GGUF file, and their types."""
+    import gguf
+
+    total, types = 0, {}
+    for t in gguf.GGUFReader(path).tensors:
+        if t.name.startswith("blk.") and t.tensor_type.name not in ("F32", "F16", "BF16"):
+            total += int(t.n_bytes)
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return total, types
+
+
+def run_mixed_cell(cell: Cell, data_dir: str) -> dict:
+    """`run_cell`, plus both exports measured on disk (total and projection bytes) and, for
+    `reload` cells, both exports evaluated again with `sliderquant eval`."""
+    out = Path(tempfile.mkdtemp(prefix="sq-bench-"))
+    run = out / "run"
+    cmd = [sys.executable, "-m", "sliderquant", "quantize", MODEL, "--data-dir", data_dir,
+           "--out", str(run), "--quiet", *EVAL, *cell.args]
+    try:
+        cpu, began = _child_cpu(), time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wall, cpu = time.perf_counter() - began, _child_cpu() - cpu
+        if done.returncode != 0:
+            return {"error": done.stderr.strip()[-2000:], "command": " ".join(cmd)}
+        record = json.loads((run / "sliderquant.json").read_text())
+        result = {
+            "command": " ".join(["sliderquant", *cmd[3:]]).replace(str(run), "OUT"),
+            "ppl": {k: v["ppl"] for k, v in record["eval"].items()},
+            "fp_ppl": {k: v["ppl"] for k, v in record.get("eval_fp", {}).items()},
+            "quantize_s": round(record["timings"]["total_s"], 1),
+            "quantize_cpu_s": round(record["timings"]["total_cpu_s"], 1),
+            "allocation_cpu_s": round(record["timings"].get("allocation_cpu_s", 0.0), 1),
+            "process_s": round(wall, 1), "process_cpu_s": round(cpu, 1),
+            "peak_rss_mb": record["peak_rss_mb"],
+            "load_average_after": round(os.getloadavg()[0], 1),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset (all cores)"),
+            "date": date.today().isoformat(), "config": record["config"],
+            "allocation": record.get("allocation"),
+            "final_window_losses": [w["epoch_losses"][-1] for w in record["windows"]
+                                    if w["epoch_losses"]][-3:],
+        }
+        if record["config"].get("alloc_unit") == "channel" and record["config"]["avg_bits"]:
+            result["exports"] = "none: a channel split has no export format"
+            return result
+        exports = {"compressed": (run / "compressed", []),
+                   "gguf": (run / "model.gguf", ["--exact"])}
+        for fmt, (target, extra) in exports.items():
+            began = _child_cpu()
+            done = _sliderquant("export", str(run), "--format", fmt, "--quiet", *extra)
+            if done.returncode != 0:
+                result[fmt] = {"error": done.stderr.strip()[-1000:]}
+                continue
+            size = (sum(f.stat().st_size for f in target.iterdir()) if target.is_dir()
+                    else target.stat().st_size)
+            entry = {"bytes": size, "export_cpu_s": round(_child_cpu() - began, 1)}
+            if fmt == "compressed":
+                entry["projection_bytes"] = _tensor_bytes(target)
+            else:
+                entry["projection_bytes"], entry["types"] = _gguf_bytes(target)
+            if cell.label.get("reload"):
+                report = out / f"{fmt}.json"
+                ev = _sliderquant("eval", str(target), "--quiet", "--data-dir", data_dir, *EVAL,
+                                  "--json", str(report))
+                if ev.returncode != 0:
+                    entry["error"] = ev.stderr.strip()[-1000:]
+                else:
+                    ppl = json.loads(report.read_text())["perplexity"]
+                    entry["ppl"] = {k: v["ppl"] for k, v in ppl.items()}
+            result[fmt] = entry
+        return result
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def write_mixed_markdown(suite: str, cells: list[Cell], results: dict) -> Path:
+    """The mixed suite's table: budget, what the exports store, perplexity, reload check."""
+    rows = [c for c in cells if "ppl" in results.get(c.key, {})]
+    path = RESULTS / f"{suite}.md"
+    if not rows:
+        return path
+    lines = ["| setting | allocation | avg bits (ours) | compressed: projections MB / bits per "
+             "weight / folder MB | GGUF: projections MB / file MB | WikiText-2 | C4 | "
+             "reloaded compressed / GGUF (WikiText-2, C4) | CPU s (scan) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    fp = next(iter(results[r.key]["fp_ppl"] for r in rows if results[r.key]["fp_ppl"]), None)
+    if fp:
+        lines.append(f"| FP |  |  |  |  | {fmt_ppl(fp['wikitext2'])} | {fmt_ppl(fp['c4'])} |  "
+                     "|  |")
+    for c in rows:
+        r = results[c.key]
+        alloc = r.get("allocation")
+        weights = alloc["weights"] if alloc else None
+        bits = f"{alloc['avg_bits']:.4f}" if alloc else _uniform_bits(r["config"])
+        comp, gg = r.get("compressed", {}), r.get("gguf", {})
+        if "bytes" in comp:
+            per = (f"{comp['projection_bytes'] * 8 / weights:.4f}" if weights
+                   else f"{comp['projection_bytes'] * 8 / PROJECTION_WEIGHTS:.4f}")
+            comp_s = (f"{comp['projection_bytes'] / 1e6:.1f} / {per} / "
+                      f"{comp['bytes'] / 1e6:.1f}")
+        else:
+            comp_s = r.get("exports", "-")
+        gguf_s = (f"{gg['projection_bytes'] / 1e6:.1f} / {gg['bytes'] / 1e6:.1f}"
+                  if "bytes" in gg else "-")
+        reload = " / ".join(
+            ", ".join(f"{_change(e['ppl'][k], r['ppl'][k])}" for k in ("wikitext2", "c4"))
+            if "ppl" in e else "-" for e in (comp, gg)) if c.label.get("reload") else "-"
+        scan = f" ({r['allocation_cpu_s']:.0f})" if alloc else ""
+        lines.append(f"| {c.label['setting']} | {c.label['allocation']} | {bits} | {comp_s} | "
+                     f"{gguf_s} | {fmt_ppl(r['ppl']['wikitext2'])} | {fmt_ppl(r['ppl']['c4'])} "
+                     f"| {reload} | {r['quantize_cpu_s']:.0f}{scan} |")
+    meta = results.get("_meta", {})
+    lines += ["", "avg bits (ours): storage bits of the quantized projections (codes, a 16-bit "
+              "scale and a zero point of the row's width per group of 64 or 128) per "
+              "projection weight, as the allocation counted them; the compressed column "
+              "measures the same from the exported tensors (weight_packed, weight_scale, "
+              "weight_zero_point bytes x 8 / weights). Folder and file sizes include the "
+              "float16 embedding (57 MB) and norms. GGUF exported with --exact (every grid "
+              "kept exactly; SmolLM2's 576-wide rows make 2- and 3-bit tensors Q4_1). "
+              "Reloaded: perplexity change of `sliderquant eval` on the export against the "
+              "in-memory model. CPU s: CPU seconds of the quantization (scan included, in "
+              "brackets) in one process with OMP_NUM_THREADS=1, evaluation excluded.", "",
+              f"Machine: {meta.get('machine')}. Dates: {cell_dates(results, rows)}.",
+              f"Command: `OMP_NUM_THREADS=1 python benchmarks/run.py {suite} --data-dir DATA` "
+              f"(each cell: `{results[rows[0].key]['command']}` with its own flags, then "
+              "`sliderquant export OUT --format compressed`, `sliderquant export OUT --format "
+              "gguf --exact`, and for reloaded cells `sliderquant eval` of both with the same "
+              "evaluation flags)."]
+    write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+PROJECTION_WEIGHTS = 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)  # SmolLM2-135M
+
+
+def _uniform_bits(config: dict) -> str:
+    """Average storage bits of a uniform grid (the allocation's count, docs/MIXED.md)."""
+    from sliderquant.allocation import SCALE_BITS
+
+    bits, group = config["wbits"], config["group_size"] or 576
+    zero = 0 if config.get("symmetric") else bits
+    return f"{bits + (SCALE_BITS + zero) / group:.4f}"
+
+
+def _change(new: float, old: float) -> str:
+    return f"{(new - old) / old:+.3%}"
+
+
+RUNNERS = {"mixed": run_mixed_cell}
+MARKDOWN = {"mixed": write_mixed_markdown}
 
 
 def machine() -> str:
@@ -258,22 +466,24 @@ def main() -> int:
     args = parser.parse_args()
     cells = SUITES[args.suite]()
     path = RESULTS / f"{args.suite}.json"
+    markdown = MARKDOWN.get(args.suite, write_markdown)
     if args.table:
-        write_markdown(args.suite, cells, json.loads(path.read_text()))
+        markdown(args.suite, cells, json.loads(path.read_text()))
         return 0
     results = read_results(path)
     results["_meta"] = {"machine": machine(), "date": date.today().isoformat(),
-                        "model": MODEL, "eval": " ".join(EVAL), "budget": " ".join(BUDGET)}
+                        "model": MODEL, "eval": " ".join(EVAL),
+                        "budget": " ".join(MIXED_BUDGET if args.suite == "mixed" else BUDGET)}
     for cell in cells:
         if args.only and args.only not in cell.key:
             continue
         if cell.key in results and "ppl" in results[cell.key] and not args.rerun:
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {cell.key} ...", flush=True)
-        result = run_cell(cell, args.data_dir)
+        result = RUNNERS.get(args.suite, run_cell)(cell, args.data_dir)
         print(f"    {result.get('ppl') or result.get('error')}", flush=True)
         results = record_cell(path, results["_meta"], cell.key, result)
-        write_markdown(args.suite, cells, results)
+        markdown(args.suite, cells, results)
     return 0
 
 

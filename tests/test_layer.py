@@ -7,6 +7,7 @@ from conftest import tiny_model
 from sliderquant.fold import fold_layers, install_activation_quantization
 from sliderquant.models.adapters import DecoderAdapter
 from sliderquant.quant.layer import LayerQuantSpec, QuantDecoderLayer
+from sliderquant.quant.quantizer import WeightFormat
 
 
 def stack_logits(adapter, layers, ids, quantized, rate=1.0):
@@ -82,6 +83,10 @@ CASES = [
     ("llama", LayerQuantSpec(wbits=2, abits=16)),
     ("llama", LayerQuantSpec(wbits=3, abits=16, group_size=16)),
     ("qwen2", LayerQuantSpec(wbits=4, abits=8, channel_scaling=True, group_size=32)),
+    # mixed precision: a projection at its own bits, one channel split, one left in float
+    ("llama", LayerQuantSpec(wbits=2, abits=16, group_size=16, formats=(
+        ("q", WeightFormat(3, 16)), ("v", WeightFormat(16, 16)),
+        ("down", WeightFormat(2, 16, high_bits=4, high_rows=(0, 5, 7)))))),
 ]
 
 
@@ -99,15 +104,23 @@ def test_folded_model_equals_unfolded_student(family, spec):
         deployed = model(ids).logits
     assert torch.allclose(deployed, student, atol=1e-4, rtol=1e-4), \
         (deployed - student).abs().max()
-    # every deployed weight sits exactly on its recorded integer grid
-    assert len(grids) == 2 * 7 * adapter.num_layers
+    # every deployed weight sits exactly on its recorded integer grid, at its own bits
+    quantized = [n for n in adapter.linears(0) if spec.format_of(n).bits < 16]
+    assert len(grids) == 3 * len(quantized) * adapter.num_layers
     for i in range(adapter.num_layers):
         for name, lin in adapter.linears(i).items():
             path = adapter.linear_path(i, name)
+            if name not in quantized:
+                continue
             step, zero = grids[f"{path}.step"], grids[f"{path}.zero"]
+            bits = grids[f"{path}.bits"]
+            fmt = spec.format_of(name)
+            assert torch.equal(bits, fmt.row_bits(lin.weight.shape[0]) if fmt.split
+                               else torch.tensor([fmt.bits]))
             w = lin.weight.view(lin.weight.shape[0], step.shape[1], -1)
             codes = torch.round(w / step[..., None]) + zero[..., None]
-            assert codes.min() >= 0 and codes.max() <= 2**spec.wbits - 1
+            top = (2 ** bits - 1).reshape(-1, 1, 1).to(codes.dtype)
+            assert codes.min() >= 0 and (codes <= top).all()
             assert torch.equal((codes - zero[..., None]) * step[..., None], w)
 
 

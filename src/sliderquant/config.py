@@ -25,6 +25,8 @@ SUPPORTED_BITS = (2, 3, 4, 8, 16)
 METHODS = ("sliderquant", "fixed", "blockwise", "rtn")
 INTRA_MODES = ("global_passes", "per_window")
 AUTO_SCHEDULE = "auto"  # shallow/deep chosen by a sensitivity scan before training
+ALLOC_UNITS = ("layer", "projection", "channel")  # what one choice of bits covers
+ALLOC_SCORES = ("rtn", "fisher")  # measured loss change per unit, or its Fisher estimate
 
 
 class ConfigError(ValueError):
@@ -83,9 +85,20 @@ class QuantConfig:
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 2
+    # mixed precision (docs/MIXED.md): a budget of average bits per weight, spent by unit
+    avg_bits: float | None = None  # None: every projection at wbits
+    alloc_unit: str = "layer"
+    alloc_bits: tuple[int, ...] | None = None  # the widths to choose from; None: wbits, next
+    alloc_score: str = "rtn"
+    alloc_pairs: bool | None = None  # adjacent-unit terms; None: on for layer units with rtn
+    alloc_windows: int = 4  # calibration windows the scan measures on (at most nsamples)
     # runtime
     inference_batch_size: int = 4
     preset: str | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alloc_bits, list):  # YAML / JSON give lists
+            self.alloc_bits = tuple(self.alloc_bits)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -193,6 +206,27 @@ class QuantConfig:
                 "clip": self.clip_lr * factor, "round": self.round_lr * factor}
 
     @property
+    def allocates(self) -> bool:
+        """Whether the run spends an average-bit budget (mixed precision)."""
+        return self.avg_bits is not None
+
+    @property
+    def alloc_choices(self) -> tuple[int, ...]:
+        """The bit-widths a unit may get, lowest first (`wbits` and the next width by
+        default)."""
+        if self.alloc_bits is not None:
+            return tuple(sorted(set(self.alloc_bits)))
+        wider = [b for b in SUPPORTED_BITS if b > self.wbits]
+        return (self.wbits, *wider[:1])
+
+    @property
+    def uses_pairs(self) -> bool:
+        """Whether the allocation measures adjacent-unit (pairwise) loss terms."""
+        if self.alloc_pairs is None:
+            return self.alloc_unit == "layer" and self.alloc_score == "rtn"
+        return self.alloc_pairs
+
+    @property
     def stage_rates(self) -> list[float]:
         """Quantized fractions of the intra-layer stages: [1/N, 2/N, ..., 1]."""
         n = self.intra_stages
@@ -263,6 +297,45 @@ class QuantConfig:
         if self.channel_scaling and self.abits >= 16:
             raise ConfigError("channel_scaling needs activation quantization (abits < 16); "
                               "weight-only runs use LoRA + clipping only (ALGORITHM.md §5.3)")
+        self._validate_allocation()
+
+    def _validate_allocation(self) -> None:
+        if self.avg_bits is None:
+            changed = [f.name for f in dataclasses.fields(self) if f.name.startswith("alloc_")
+                       and getattr(self, f.name) != f.default]
+            if changed:
+                raise ConfigError(f"{', '.join(changed)} only apply to a mixed-precision run; "
+                                  "give the budget with avg_bits (--avg-bits)")
+            return
+        if self.alloc_unit not in ALLOC_UNITS:
+            raise ConfigError(f"alloc_unit {self.alloc_unit!r}: choose one of "
+                              f"{', '.join(ALLOC_UNITS)}")
+        if self.alloc_score not in ALLOC_SCORES:
+            raise ConfigError(f"alloc_score {self.alloc_score!r}: choose one of "
+                              f"{', '.join(ALLOC_SCORES)}")
+        choices = self.alloc_choices
+        bad = [b for b in choices if b not in SUPPORTED_BITS]
+        if bad:
+            raise ConfigError(f"alloc_bits {bad} not supported; use widths from "
+                              f"{', '.join(map(str, SUPPORTED_BITS))}")
+        if len(choices) < 2:
+            raise ConfigError(f"alloc_bits {list(choices)}: give at least two bit-widths to "
+                              "choose from (e.g. 2,3)")
+        if choices[0] != self.wbits:
+            raise ConfigError(f"wbits {self.wbits} must be the lowest of alloc_bits "
+                              f"{list(choices)}: pass --wbits {choices[0]} (or a preset of it)")
+        if self.alloc_unit == "channel" and (len(choices) != 2 or choices[-1] >= 16):
+            raise ConfigError(f"alloc_unit channel splits a layer's channels between two "
+                              f"quantized widths; alloc_bits {list(choices)} must be two widths "
+                              "below 16 (e.g. 2,3)")
+        if self.alloc_pairs and (self.alloc_score != "rtn" or self.alloc_unit == "channel"):
+            raise ConfigError("alloc_pairs measures adjacent units with rtn scans of layer or "
+                              "projection units; drop it, or use alloc_score rtn with "
+                              "alloc_unit layer or projection")
+        if not 1 <= self.avg_bits <= 16:
+            raise ConfigError(f"avg_bits {self.avg_bits} must lie between 1 and 16")
+        if self.alloc_windows < 1:
+            raise ConfigError(f"alloc_windows must be >= 1 (got {self.alloc_windows})")
 
 
 # Paper / released-code settings (ALGORITHM.md §9.2). W4A16 and W3A16 have no released
@@ -422,4 +495,9 @@ def _coerce(key: str, kind: str, value: Any) -> Any:
         if not math.isfinite(number):
             raise ConfigError(f"{key}: {value!r} must be a finite number")
         return number
+    if base == "tuple[int, ...]":  # a list of bit-widths: [2, 3] or "2,3"
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{key}: {value!r} is not a list of whole numbers (e.g. [2, 3])")
+        return tuple(_coerce(key, "int", v) for v in items)
     raise AssertionError(f"QuantConfig.{key} has an unhandled type {kind}")

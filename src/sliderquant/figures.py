@@ -1,7 +1,8 @@
 """Every PNG sliderquant draws (matplotlib, Agg backend): plain dicts and lists in, files out.
 
 `sensitivity` (the paper's Figure 1), `ranges` (Figures D–R: weight and activation ranges
-before/after), `training` (per-window loss curves and the window schedule of a run).
+before/after), `training` (per-window loss curves and the window schedule of a run),
+`allocation` (a mixed-precision run's bits per projection, predicted vs measured loss).
 """
 
 from __future__ import annotations
@@ -146,3 +147,43 @@ def training(windows: list[dict], num_layers: int, path: str | Path, title: str)
     fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def allocation(record: dict, path: str | Path, title: str) -> Path:
+    """Left: the bits of every projection (rows: layers, columns: projections; a channel
+    split shows its average bits per weight). Right: the calibration loss of the FP model,
+    the allocation's prediction, the allocation rounded to nearest, and the finished model."""
+    layers = sorted(record["bits"], key=int)
+    names = list(record["bits"][layers[0]])
+    grid = [[_mean_bits(record["bits"][i][n]) for n in names] for i in layers]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.18 * len(layers) + 3),
+                                      gridspec_kw={"width_ratios": [1, 1]})
+    image = left.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=left, label="bits (codes)")
+    left.set_xticks(range(len(names)), names)
+    left.set_yticks(range(len(layers)), layers)
+    left.set_ylabel("layer")
+    left.set_title(f"{record['unit']} units, {record['score']} scores: "
+                   f"{record['avg_bits']:.3f} bits per weight (budget {record['avg_bits_budget']})")
+    keys = [("FP", "fp_loss"), ("predicted", "predicted_loss"), ("rounded (RTN)", "rtn_loss"),
+            ("finished", "final_loss")]
+    shown = [(label, record[k]) for label, k in keys if k in record]
+    right.bar([label for label, _ in shown], [v for _, v in shown],
+              color=["gray", "tab:blue", "tab:orange", "tab:green"][:len(shown)])
+    for x, (_, v) in enumerate(shown):
+        right.annotate(f"{v:.3f}", (x, v), ha="center", va="bottom")
+    right.set_ylabel(f"mean next-token loss, {record['windows']} calibration windows")
+    right.set_title("predicted vs measured loss")
+    right.grid(alpha=0.3, axis="y")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _mean_bits(described: int | str) -> float:
+    """Bits of a projection as the record describes it: 3, or "2+3 (31 rows)" (the mean
+    bits of its rows need the row count, which the record gives only for the high rows)."""
+    if isinstance(described, int):
+        return float(described)
+    low, high = (int(b) for b in described.split(" ")[0].split("+"))
+    return low + 0.5 * (high - low)  # a split: drawn between its two widths

@@ -29,8 +29,9 @@ def fold_layers(
     model's layers `first`, `first + 1`, … (all of them by default).
 
     Returns the quantization grid of every quantized projection as flat tensors keyed
-    `<module path>.step` and `<module path>.zero` (what exporters need to recover the
-    integer codes exactly: codes = round(W / step) + zero).
+    `<module path>.step`, `<module path>.zero` and `<module path>.bits` (what exporters
+    need to recover the integer codes exactly: codes = round(W / step) + zero, in
+    0..2^bits - 1). `.bits` is int64 [1], or [out] (every row's) for a channel split.
     """
     grids: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(layers, start=first):
@@ -39,6 +40,8 @@ def fold_layers(
         for name, grid in layer_grids.items():
             path = paths[name]
             grids[f"{path}.step"], grids[f"{path}.zero"] = grid.step, grid.zero
+            grids[f"{path}.bits"] = (torch.tensor([grid.bits]) if grid.row_bits is None
+                                     else grid.row_bits.cpu())
         for block, parts in adapter.parts(i).blocks().items():
             for key, target in parts.tensors().items():
                 if target is not None:

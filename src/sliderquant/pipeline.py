@@ -1,5 +1,6 @@
 """The quantize pipeline, independent of how the model was loaded and where results go:
-preflight -> calibration ids -> (rotation) -> (auto schedule) -> quantize every layer
+preflight -> calibration ids -> (rotation) -> (auto schedule) -> (mixed-precision
+allocation) -> quantize every layer
 (span.py: views, capture, windows, fold) -> run-time activation quantizers -> report.
 
 Run folders (lock, checkpoint location, saving, the run record on disk) belong to
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from sliderquant.calibration import calibration_ids
 from sliderquant.checkpoint import CheckpointStore
@@ -32,7 +34,12 @@ from sliderquant.fold import install_activation_quantization
 from sliderquant.hardware import default_device, peak_rss_mb
 from sliderquant.models.adapters import DecoderAdapter
 from sliderquant.rotation import rotate_model
-from sliderquant.sensitivity import resolve_auto_schedule
+from sliderquant.sensitivity import (
+    allocate,
+    calibration_loss,
+    check_budget,
+    resolve_auto_schedule,
+)
 from sliderquant.span import quantize_span
 from sliderquant.version import __version__
 
@@ -53,6 +60,8 @@ def preflight(model: torch.nn.Module, config: QuantConfig) -> DecoderAdapter:
     if config.trains:  # round-to-nearest reads no calibration windows
         adapter.check_context(config.seqlen)
     adapter.check_group_size(config.group_size)
+    if config.allocates:
+        check_budget(model, config)
     if config.trains and config.schedule != AUTO_SCHEDULE:
         try:
             make_schedule(config, adapter.num_layers)
@@ -60,6 +69,23 @@ def preflight(model: torch.nn.Module, config: QuantConfig) -> DecoderAdapter:
             raise ConfigError(f"schedule for this {adapter.num_layers}-layer model: {e}"
                               ) from None
     return adapter
+
+
+def _progress_bar(show: bool) -> Callable[[str, int, int], None] | None:
+    """A progress callback drawing one tqdm bar (None when progress is not shown)."""
+    if not show:
+        return None
+    bar = None
+
+    def update(what: str, done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=what, unit="scan", dynamic_ncols=True)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
 
 
 def family_report(adapter: DecoderAdapter, config: QuantConfig) -> dict:
@@ -112,7 +138,7 @@ def quantize(
     """
     comm = Collective()
     timings: dict[str, float] = {}
-    began = time.perf_counter()
+    began, began_cpu = time.perf_counter(), time.process_time()
     if isinstance(calib, str):
         config = QuantConfig.from_dict({**config.to_dict(), "calib": calib})
     adapter = preflight(model, config)
@@ -155,18 +181,33 @@ def quantize(
         config, auto = comm.on_main(lambda: resolve_auto_schedule(model, config, ids))
         timings["auto_schedule_s"] = time.perf_counter() - t
 
+    allocation = None
+    if config.allocates:
+        t = time.perf_counter()
+        cpu = time.process_time()
+        allocation = allocate(model, config, ids, _progress_bar(show_progress))
+        timings["allocation_s"] = time.perf_counter() - t
+        timings["allocation_cpu_s"] = time.process_time() - cpu
+        fingerprint = hashlib.sha256(
+            (fingerprint + allocation.fingerprint()).encode()).hexdigest()[:16]
+
     memory: dict[str, int] = {}
     coverage: list[ExpertCoverage] = []
     records, grids = quantize_span(adapter, config, ids, device, store=store,
                                    fingerprint=fingerprint, resume=resume,
                                    on_unit_end=on_unit_end, show_progress=show_progress,
                                    timings=timings, memory=memory, coverage=coverage,
-                                   collective=comm)
+                                   collective=comm,
+                                   formats=allocation.formats if allocation else None)
+    if allocation:  # the loss of the finished weights on the windows the scan measured
+        allocation.record["final_loss"] = calibration_loss(
+            model, ids[:config.alloc_windows], config.inference_batch_size)
     t = time.perf_counter()
     install_activation_quantization(adapter, config.abits, config.quantize_attention,
                                     config.quantize_router)
     timings["fold_s"] += time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - began
+    timings["total_cpu_s"] = time.process_time() - began_cpu  # this process, all threads
     report = {
         "format": RUN_FORMAT,
         "sliderquant_version": __version__,
@@ -175,6 +216,7 @@ def quantize(
         "schedule": make_schedule(config, adapter.num_layers) if config.trains else [],
         "rotation": rotation,
         "auto_schedule": auto,
+        "allocation": allocation.record if allocation else None,
         "family": family_report(adapter, config),
         "calibration": {"source": config.calib, "nsamples": int(ids.shape[0]),
                         "seqlen": int(ids.shape[1]), "seed": config.seed,

@@ -19,6 +19,7 @@ from sliderquant.fold import fold_layers
 from sliderquant.models.adapters import DecoderAdapter
 from sliderquant.quant.layer import QuantDecoderLayer
 from sliderquant.quant.learnables import LayerQuantSpec
+from sliderquant.quant.quantizer import WeightFormat
 
 
 def quantize_span(
@@ -35,6 +36,7 @@ def quantize_span(
     on_unit_end: Callable[[WindowRecord], None] | None = None,
     show_progress: bool = True,
     timings: dict[str, float] | None = None,
+    formats: dict[int, dict[str, WeightFormat]] | None = None,
     memory: dict[str, int] | None = None,
     coverage: list[ExpertCoverage] | None = None,
     collective: Collective | None = None,
@@ -50,7 +52,8 @@ def quantize_span(
     `coverage` receives, for a trained method on a model with MoE layers, the calibration
     tokens routed to each expert (summed over the ranks). The LoRA initialisation draws from
     one generator seeded with `config.seed`, layer by layer from layer 0, so a layer's start
-    does not depend on the span.
+    does not depend on the span. `formats` gives projections their own weight format (by
+    layer, then projection name: a mixed-precision allocation).
 
     With a `collective` of several ranks (see engine.py), each rank embeds and trains on its
     shard of `ids` only; every rank returns the same records and folds the same weights.
@@ -58,9 +61,11 @@ def quantize_span(
     last = adapter.num_layers - 1 if last is None else last
     timings = {} if timings is None else timings
     collective = collective or Collective()
-    spec = LayerQuantSpec.from_config(config)
+    formats = formats or {}
     generator = torch.Generator().manual_seed(config.seed)
-    views = [QuantDecoderLayer(adapter.parts(i), spec, generator) for i in range(last + 1)]
+    views = [QuantDecoderLayer(adapter.parts(i),
+                               LayerQuantSpec.from_config(config, formats.get(i)), generator)
+             for i in range(last + 1)]
     for p in adapter.model.parameters():
         p.requires_grad_(False)
 

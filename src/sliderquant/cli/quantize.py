@@ -15,7 +15,15 @@ from sliderquant import distributed
 from sliderquant.cli import options
 from sliderquant.cli.options import finite_float, positive_int
 from sliderquant.cli.printing import print_expert_tokens, print_results, print_summary, say
-from sliderquant.config import INTRA_MODES, METHODS, PRESETS, SCHEMES, QuantConfig
+from sliderquant.config import (
+    ALLOC_SCORES,
+    ALLOC_UNITS,
+    INTRA_MODES,
+    METHODS,
+    PRESETS,
+    SCHEMES,
+    QuantConfig,
+)
 
 NAME = "quantize"
 HELP = "quantize a model, save it, report its perplexity"
@@ -28,6 +36,15 @@ DESCRIPTION = (
     "training recipe (epochs, learning rates, learnables, rotation); without --preset a "
     "scheme picks the recipe for its bits; without either, w4a16 (per-channel asymmetric, as "
     "in the paper).")
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    """`2,3` -> (2, 3)."""
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give bit-widths like 2,3") from None
+
 
 # (flag, config key, type, help) for every QuantConfig field settable from the command line.
 _CONFIG_FLAGS: list[tuple[str, str, object, str]] = [
@@ -65,8 +82,18 @@ _CONFIG_FLAGS: list[tuple[str, str, object, str]] = [
      "(reference code, default); per_window: every fraction inside each window (paper)"),
     ("--inference-batch-size", "inference_batch_size", positive_int,
      "windows per no-grad forward when advancing caches"),
+    ("--avg-bits", "avg_bits", finite_float, "mixed precision: average storage bits per projection "
+     "weight (codes, scales, zero points), spent where a scan says the loss gains most "
+     "(docs/MIXED.md); --wbits is the lowest width"),
+    ("--alloc-unit", "alloc_unit", str, f"{' | '.join(ALLOC_UNITS)}: what one choice of bits "
+     "covers (channel: a share of every projection's rows at the higher width; not exportable)"),
+    ("--alloc-bits", "alloc_bits", _widths, "the widths to choose from, e.g. 2,3 (default "
+     "--wbits and the next width)"),
+    ("--alloc-score", "alloc_score", str, f"{' | '.join(ALLOC_SCORES)}: measured loss change "
+     "of each choice with rounding to nearest (default), or its Fisher estimate"),
 ]
-_CHOICES = {"method": METHODS, "intra_mode": INTRA_MODES}
+_CHOICES = {"method": METHODS, "intra_mode": INTRA_MODES, "alloc_unit": ALLOC_UNITS,
+            "alloc_score": ALLOC_SCORES}
 _CONFIG_SWITCHES: list[tuple[str, str, str]] = [
     ("lwc", "lwc", "learnable weight clipping"),
     ("channel-scaling", "channel_scaling", "learnable channel scaling (needs abits < 16)"),
@@ -84,6 +111,8 @@ _CONFIG_SWITCHES: list[tuple[str, str, str]] = [
     ("best-epoch", "best_epoch", "keep each window's learnables from its lowest-loss epoch "
      "(beyond the paper)"),
     ("lr-times-batch", "lr_times_batch", "multiply learning rates by the batch size (reference)"),
+    ("alloc-pairs", "alloc_pairs", "measure neighbouring units together (default: for layer "
+     "units with rtn scores)"),
     ("symmetric", "symmetric", "symmetric weight grid (zero point in the middle); set by the "
      "_SYM/_ASYM spelling of --scheme"),
 ]
@@ -165,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
     from sliderquant.calibration import check_source
     from sliderquant.data import resolve_data_root
     from sliderquant.eval.perplexity import check_data
+    from sliderquant.sensitivity import allocation_summary
 
     clock = Clock()
     config = _config_from_args(args)
@@ -256,6 +286,8 @@ def run(args: argparse.Namespace) -> int:
         print_expert_tokens(report["experts"])
     if report.get("auto_schedule"):
         print(f"schedule auto: {report['auto_schedule']['reasoning']}")
+    if report.get("allocation"):
+        print(f"allocation: {allocation_summary(report['allocation'])}")
     print_results(entries.get("eval", {}), fp)
     print_summary(entries.get("eval", {}), fp, size_bytes=_folder_bytes(args.out),
                   peak_rss_mb=peak, peak_gpu_mb=report.get("peak_gpu_mb"),

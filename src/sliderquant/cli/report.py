@@ -14,7 +14,8 @@ DESCRIPTION = (
     "From RUN/sliderquant.json: the training loss of every window per epoch, starting from "
     "its loss before training (quantized with the learnables at their start values), and the "
     "schedule (which layers each window covered, coloured by the loss it ended at). Writes "
-    "report.png into --out (default RUN/figures).")
+    "report.png into --out (default RUN/figures); a mixed-precision run also gets "
+    "allocation.png there (bits per projection, predicted vs measured loss).")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sliderquant import api
-    from sliderquant.figures import training
+    from sliderquant.figures import allocation, training
+    from sliderquant.sensitivity import allocation_summary
 
     if args.out is not None and args.out.suffix.lower() == ".png":
         raise api.ConfigError(f"--out {args.out}: --out names a folder (report.png is written "
@@ -59,5 +61,9 @@ def run(args: argparse.Namespace) -> int:
               f"({(after / before - 1) * 100:+.0f} %)")
     if auto:
         print(f"schedule auto: {auto['reasoning']}")
+    if record.get("allocation"):
+        drawn = allocation(record["allocation"], path.with_name("allocation.png"), title)
+        print(f"allocation: {allocation_summary(record['allocation'])}")
+        print(f"wrote {drawn}")
     print(f"wrote {path}")
     return 0

@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -50,6 +51,7 @@ from sliderquant.export.source import (
     ExportError,
     ExportResult,
     TensorReport,
+    grid_bits,
     grid_codes,
     is_quantized,
 )
@@ -84,7 +86,7 @@ def write_compressed(
     this exporter's own. Activation quantization (W4A4) is described as dynamic per-token
     input quantization unless `drop_activation_quantization`.
     """
-    bits, group_size = config.wbits, config.group_size
+    group_size = config.group_size
     grids = {k: v.detach().cpu() for k, v in grids.items()}
     if not grids:
         raise ExportError("this run quantized no weights; there is nothing to compress "
@@ -92,30 +94,37 @@ def write_compressed(
     dtype = dtype or _config_dtype(model.config)
     if dtype not in FLOAT_DTYPES.values():
         raise ExportError(f"dtype {dtype}: use one of {', '.join(FLOAT_DTYPES)}")
-    zeros = [v for k, v in grids.items() if k.endswith(".zero")]
-    symmetric = all(bool((z == 2 ** (bits - 1)).all()) for z in zeros)
-    outside = sum(int(((z < 0) | (z > 2**bits - 1)).sum()) for z in zeros)
-    if outside:
+    modules = [k.removesuffix(".step") for k in grids if k.endswith(".step")]
+    bits_of = {m: grid_bits(grids, m, config.wbits) for m in modules}
+    by_bits: dict[int, list[str]] = {}
+    for module, bits in bits_of.items():
+        by_bits.setdefault(bits, []).append(module)
+    symmetric = {bits: all(bool((grids[f"{m}.zero"] == 2 ** (bits - 1)).all()) for m in names)
+                 for bits, names in by_bits.items()}
+    outside = {bits: sum(int(((grids[f"{m}.zero"] < 0) | (grids[f"{m}.zero"] > 2**bits - 1))
+                             .sum()) for m in names) for bits, names in by_bits.items()}
+    if any(outside.values()):
+        bits, count = next((b, n) for b, n in outside.items() if n)
         raise ExportError(
-            f"{outside} weight groups have zero points outside 0..{2**bits - 1} (groups whose "
+            f"{count} weight groups have zero points outside 0..{2**bits - 1} (groups whose "
             f"weights all have one sign), which {FORMAT} cannot store; use --format gguf")
     act_bits = config.abits if config.abits < 16 and not drop_activation_quantization else None
     moe = bool(DecoderAdapter(model).fused_experts())
-    if moe and not symmetric:
+    if moe and not all(symmetric.values()):
         raise ExportError(
             "this MoE run has an asymmetric weight grid, which transformers 5 + "
             "compressed-tensors cannot load for experts (their expert decompression drops the "
             "zero point); quantize with `symmetric: true`, or export --format gguf")
 
     result = ExportResult(path=out, format=FORMAT, size_bytes=0)
-    state = _compressed_state(model, grids, bits, dtype, symmetric, result.tensors)
+    state = _compressed_state(model, grids, bits_of, dtype, symmetric, result.tensors)
     ignore = [name for name, m in model.named_modules()
               if isinstance(m, nn.Linear) and not is_quantized(grids, name)]
     hf_config = copy.deepcopy(model.config)
     hf_config.dtype = dtype
-    hf_config.quantization_config = quantization_config(
-        bits, group_size, symmetric, act_bits, ignore)
-    result.notes = engine_notes(bits, group_size, symmetric, act_bits,
+    schemes = [(bits, symmetric[bits], sorted(names)) for bits, names in sorted(by_bits.items())]
+    hf_config.quantization_config = quantization_config(schemes, group_size, act_bits, ignore)
+    result.notes = engine_notes(tuple(by_bits), group_size, all(symmetric.values()), act_bits,
                                 config.quantize_attention)
     if moe and act_bits is not None:
         result.notes.append(
@@ -140,11 +149,12 @@ def write_compressed(
     return result
 
 
-def _compressed_state(model: nn.Module, grids: dict[str, torch.Tensor], bits: int,
-                      dtype: torch.dtype, symmetric: bool, reports: list[TensorReport]
-                      ) -> dict[str, torch.Tensor]:
+def _compressed_state(model: nn.Module, grids: dict[str, torch.Tensor],
+                      bits_of: dict[str, int], dtype: torch.dtype, symmetric: dict[int, bool],
+                      reports: list[TensorReport]) -> dict[str, torch.Tensor]:
     """The safetensors state: packed codes, scales and zero points per quantized Linear or
-    expert (each one reported in `reports`), every other tensor in `dtype`."""
+    expert at its own bits (each one reported in `reports`), every other tensor in `dtype`;
+    `symmetric` says, per bit-width, whether its config group is written without zeros."""
     state: dict[str, torch.Tensor] = {}
     tied = getattr(model.config, "tie_word_embeddings", False)
     fused = DecoderAdapter(model).fused_experts()
@@ -160,7 +170,8 @@ def _compressed_state(model: nn.Module, grids: dict[str, torch.Tensor], bits: in
                   if name in fused else [(module, suffix, tensor)])
         for path, kind, value in pieces:
             if is_quantized(grids, path) and kind == "weight" and path in packable:
-                state.update(_packed_weight(path, value, grids, bits, dtype, symmetric,
+                bits = bits_of[path]
+                state.update(_packed_weight(path, value, grids, bits, dtype, symmetric[bits],
                                             reports))
             else:
                 state[f"{path}.{kind}"] = (value.to(dtype) if value.is_floating_point()
@@ -197,44 +208,58 @@ def _packed_weight(module: str, tensor: torch.Tensor, grids: dict[str, torch.Ten
     return state
 
 
-def quantization_config(bits: int, group_size: int | None, symmetric: bool,
+def quantization_config(schemes: list[tuple[int, bool, list[str]]], group_size: int | None,
                         act_bits: int | None, ignore: list[str]) -> dict:
-    """The `quantization_config` entry of config.json."""
-    weights = {"num_bits": bits, "type": "int", "symmetric": symmetric,
-               "strategy": "channel" if group_size is None else "group",
-               "group_size": group_size, "dynamic": False, "actorder": None,
-               "block_structure": None, "observer": "minmax"}
+    """The `quantization_config` entry of config.json: one config group per
+    (bits, symmetric, module names) scheme. A single scheme targets every `Linear` (minus
+    `ignore`); several (a mixed-precision run) target their modules by name."""
+
+    def weights(bits: int, symmetric: bool) -> dict:
+        return {"num_bits": bits, "type": "int", "symmetric": symmetric,
+                "strategy": "channel" if group_size is None else "group",
+                "group_size": group_size, "dynamic": False, "actorder": None,
+                "block_structure": None, "observer": "minmax"}
+
     inputs = None
     if act_bits is not None:  # sliderquant's per-token min/max quantizer, made each call
         inputs = {"num_bits": act_bits, "type": "int", "symmetric": False,
                   "strategy": "token", "group_size": None, "dynamic": True,
                   "actorder": None, "block_structure": None, "observer": None}
+    groups = {f"group_{i}": {"targets": ["Linear"] if len(schemes) == 1 else names,
+                             "weights": weights(bits, symmetric), "input_activations": inputs,
+                             "output_activations": None, "format": FORMAT}
+              for i, (bits, symmetric, names) in enumerate(schemes)}
     config = {
         "quant_method": "compressed-tensors",
         "format": FORMAT,
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
-                                      "input_activations": inputs,
-                                      "output_activations": None, "format": FORMAT}},
+        "config_groups": groups,
         "ignore": ignore,
         "kv_cache_scheme": None,
         "sparsity_config": {},
         "transform_config": {},
     }
-    if not symmetric:  # see the module docstring: the compressed route cannot read it
+    if not all(symmetric for _, symmetric, _ in schemes):  # see the module docstring
         config["dequantize"] = True
     return config
 
 
-def engine_notes(bits: int, group_size: int | None, symmetric: bool, act_bits: int | None,
-                 quantize_attention: bool) -> list[str]:
-    """One line per engine: whether it runs this checkpoint, and what is lost."""
+def engine_notes(widths: tuple[int, ...], group_size: int | None, symmetric: bool,
+                 act_bits: int | None, quantize_attention: bool) -> list[str]:
+    """One line per engine: whether it runs this checkpoint (weights at `widths` bits), and
+    what is lost."""
+    bits = "/".join(map(str, sorted(widths)))
     if symmetric:
         hf = ("transformers + compressed-tensors: loads as is on the compressed route (packed "
               "weights, unpacked on the first forward pass)")
         if act_bits is not None:
             hf += (f"; the int{act_bits} per-token input quantization is simulated "
                    "(fake-quantized), not faster")
+    elif len(widths) > 1:
+        hf = (f"transformers + compressed-tensors: does NOT load this mixed {bits}-bit "
+              "checkpoint correctly: its dequantize route (the only one that reads asymmetric "
+              "zero points) decodes every dense Linear with the first config group's bits "
+              "(transformers 5.24); load it with sliderquant (api.load, sliderquant eval)")
     else:
         hf = ("transformers + compressed-tensors: loads as is on the dequantize route "
               "(compressed-tensors 0.20 cannot read asymmetric zero points on its compressed "
@@ -244,9 +269,10 @@ def engine_notes(bits: int, group_size: int | None, symmetric: bool, act_bits: i
                    f"quantization is not applied there (it runs W{bits}A16)")
     notes = [hf]
     why_not = []
-    if bits not in VLLM_BITS:
+    if set(widths) - set(VLLM_BITS):
         why_not.append(f"its WNA16 kernels take {' or '.join(map(str, VLLM_BITS))}-bit "
                        f"weights, not {bits}")
+
     if group_size not in VLLM_GROUPS:
         why_not.append(f"its kernels take per-channel scales or groups of 32, 64 or 128, "
                        f"not {group_size}")
@@ -259,6 +285,9 @@ def engine_notes(bits: int, group_size: int | None, symmetric: bool, act_bits: i
     else:
         notes.append("vLLM: recent versions' WNA16 scheme takes zero points, older ones only "
                      "symmetric weights (not tried here)")
+    if len(widths) > 1 and not why_not:
+        notes[-1] += ("; it fuses q/k/v and gate/up, which must then share a bit-width (a "
+                      "per-layer allocation does, a per-projection one may not)")
     if act_bits is not None and quantize_attention:
         notes.append("q/k/v quantization inside attention is not expressible in "
                      "compressed-tensors: engines run attention in float (sliderquant "
@@ -326,11 +355,26 @@ def is_compressed_folder(folder: Path) -> bool:
 
 
 def activation_bits(folder: Path) -> int | None:
-    """Bits of the dynamic per-token input quantization a compressed folder describes."""
+    """Bits of the dynamic per-token input quantization a compressed folder describes (None
+    unless every config group describes the same)."""
     qc = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
-    groups = list(qc.get("config_groups", {}).values())
-    inputs = groups[0].get("input_activations") if len(groups) == 1 else None
-    return int(inputs["num_bits"]) if inputs else None
+    inputs = [g.get("input_activations") for g in qc.get("config_groups", {}).values()]
+    bits = {int(i["num_bits"]) if i else None for i in inputs}
+    return bits.pop() if len(bits) == 1 else None
+
+
+def _module_bits(groups: list[dict], module: str) -> int:
+    """The weight bits of the config group whose targets name `module`: by name or `re:`
+    pattern first, else a group targeting every `Linear` (packed weights are Linears')."""
+    def names(target: str) -> bool:
+        return target == module or (target.startswith("re:") and bool(re.match(target[3:],
+                                                                                module)))
+
+    for wanted in (names, lambda target: target == "Linear"):
+        for group in groups:
+            if any(wanted(t) for t in group.get("targets", [])):
+                return int(group["weights"]["num_bits"])
+    raise ExportError(f"no config group targets {module}")
 
 
 def load_compressed(folder: Path, dtype: torch.dtype = torch.float32):
@@ -343,10 +387,9 @@ def load_compressed(folder: Path, dtype: torch.dtype = torch.float32):
     qc = config.quantization_config
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     groups = list(qc.get("config_groups", {}).values())
-    if len(groups) != 1 or (groups[0].get("weights") or {}).get("type") != "int":
-        raise ExportError(f"{folder}: only int {FORMAT} models with one config group can "
-                          "be read without the compressed-tensors package")
-    bits = int(groups[0]["weights"]["num_bits"])
+    if not groups or any((g.get("weights") or {}).get("type") != "int" for g in groups):
+        raise ExportError(f"{folder}: only int {FORMAT} models can be read without the "
+                          "compressed-tensors package")
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     raw = {}
@@ -362,7 +405,7 @@ def load_compressed(folder: Path, dtype: torch.dtype = torch.float32):
             state[f"{module}.weight"] = dequantize(
                 tensor, raw[f"{module}.weight_scale"].to(torch.float64),
                 raw.get(f"{module}.weight_zero_point"), raw[f"{module}.weight_shape"].tolist(),
-                bits).to(dtype)
+                _module_bits(groups, module)).to(dtype)
         elif not name.rpartition(".")[2].startswith("weight_"):
             state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     missing, unexpected = model.load_state_dict(_fuse_experts(model, state), strict=False)
@@ -399,10 +442,10 @@ def _config_dtype(config) -> torch.dtype:
 def read_grids(folder: Path) -> dict[str, torch.Tensor]:
     """The weight grids (`<module>.step` / `.zero`, float32 [out, n_groups], as
     `fold.fold_layers` returns them) of a pack-quantized folder: the scales as stored, the
-    zero points unpacked (2**(bits-1) for a symmetric grid)."""
+    zero points unpacked (2**(bits-1) for a symmetric grid), and `.bits` from the config
+    group targeting the module (a mixed-precision checkpoint has one per bit-width)."""
     qc = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
     groups = list(qc.get("config_groups", {}).values())
-    bits = int(groups[0]["weights"]["num_bits"])
     raw = {}
     for file in sorted(folder.glob("*.safetensors")):
         raw.update(load_file(str(file)))
@@ -411,9 +454,11 @@ def read_grids(folder: Path) -> dict[str, torch.Tensor]:
         if not name.endswith(".weight_scale"):
             continue
         module = name[: -len(".weight_scale")]
+        bits = _module_bits(groups, module)
         step = scale.float().reshape(scale.shape[0], -1)
         packed_zero = raw.get(f"{module}.weight_zero_point")
         zero = (unpack_int32(packed_zero, bits, step.shape[0], dim=0) + 2 ** (bits - 1)
                 if packed_zero is not None else torch.full_like(step, 2 ** (bits - 1)))
         grids[f"{module}.step"], grids[f"{module}.zero"] = step, zero.float().reshape(step.shape)
+        grids[f"{module}.bits"] = torch.tensor([bits])
     return grids

@@ -1,8 +1,10 @@
 """GGUF export for llama.cpp: the learned integer grids written as GGUF blocks.
 
-Each quantized projection goes to its setting's natural type (4-bit -> Q4_1, 2-bit ->
-Q2_K, 3-bit -> Q3_K, 8-bit -> Q8_0). Where the type reproduces the grid, the integer codes
-are written as they are and only the format's fp16 scales round the step; where it cannot
+Each quantized projection goes to the natural type of its own grid's bits (4-bit -> Q4_1,
+2-bit -> Q2_K, 3-bit -> Q3_K, 8-bit -> Q8_0), so a mixed-precision run is written with a
+type per tensor (GGUF's own mixing); `general.file_type` names the most common one. Where
+the type reproduces the grid, the integer codes are written as they are and only the
+format's fp16 scales round the step; where it cannot
 (3-bit rows with a lopsided zero point, group sizes that straddle blocks, Q8_0's missing
 zero point), the blocks are re-quantized to the nearest grid the type offers and the
 error is measured and reported. A row length the type's block does not divide (e.g. 576
@@ -31,6 +33,7 @@ from sliderquant.export.source import (
     ExportError,
     ExportResult,
     TensorReport,
+    grid_bits,
     grid_codes,
     is_quantized,
 )
@@ -177,12 +180,16 @@ def _encode_tensor(arch, name: str, base: str, tensor: torch.Tensor, module: str
     if any(quantized) and not all(quantized):
         raise ExportError(f"{name}: some experts have a weight grid and some do not")
     if all(quantized) and data.dim() > 1:
+        widths = {grid_bits(grids, p, config.wbits) for p in paths}  # a mixed run's own bits
+        if len(widths) > 1:
+            raise ExportError(f"{name}: its experts have different bit-widths {sorted(widths)}")
+        bits = widths.pop()
         codes = [[_to_llama_layout(arch, name, torch.from_numpy(a), adapter).numpy()
-                  for a in grid_codes(p, v, grids, config.wbits)]
+                  for a in grid_codes(p, v, grids, bits)]
                  for p, v in zip(paths, views, strict=True)]
         s, z, c = (np.concatenate([x[k] for x in codes]) for k in range(3))
         rows = data.reshape(-1, data.shape[-1])
-        qtype, encoded, report = _encode_quantized(name, rows.numpy(), s, z, c, config.wbits,
+        qtype, encoded, report = _encode_quantized(name, rows.numpy(), s, z, c, bits,
                                                    exact, float_type)
         return qtype, encoded.reshape(*data.shape[:-1], -1), report
     if data.dim() == 1 or base.endswith("ffn_gate_inp"):  # norms; a full-precision router

@@ -20,6 +20,21 @@ def is_quantized(grids: dict[str, torch.Tensor], module: str) -> bool:
     return f"{module}.step" in grids
 
 
+def grid_bits(grids: dict[str, torch.Tensor], module: str, default: int) -> int:
+    """Bits of `module`'s grid; `default` (the run's `wbits`) for grids saved before they
+    carried their bits. A channel split (two bit-widths in one tensor) has no exported form."""
+    bits = grids.get(f"{module}.bits")
+    if bits is None:
+        return default
+    widths = sorted({int(b) for b in bits.flatten().tolist()})
+    if len(widths) > 1:
+        raise ExportError(
+            f"{module} is a channel split ({' and '.join(map(str, widths))} bits in one "
+            "tensor); neither GGUF nor compressed-tensors stores two bit-widths in one tensor. "
+            "Quantize with --alloc-unit layer or projection to export (docs/MIXED.md)")
+    return widths[0]
+
+
 def grid_codes(module: str, weight: torch.Tensor, grids: dict[str, torch.Tensor], bits: int
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(step, zero, codes) of every entry of `module`'s weight, float64 [out, in], checked

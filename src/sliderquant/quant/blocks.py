@@ -234,7 +234,8 @@ def _linears(parts: BlockParts, names: tuple[str, ...], spec: LayerQuantSpec,
              generator: torch.Generator | None) -> nn.ModuleDict:
     """QuantLinears over `parts`' projections `names`, created (and LoRA drawn) in order."""
     return nn.ModuleDict({
-        name: QuantLinear(parts.proj[name].weight, parts.proj[name].bias, spec, generator)
+        name: QuantLinear(parts.proj[name].weight, parts.proj[name].bias, spec, generator,
+                          spec.format_of(name))
         for name in names})
 
 

@@ -18,6 +18,7 @@ per-weight ones. Adding a learnable = a class here, its switch in the spec and i
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -49,12 +50,15 @@ class LayerQuantSpec:
     down_scaling: bool = True
     quantize_attention: bool = True
     rounding: bool = False
+    formats: tuple[tuple[str, WeightFormat], ...] = ()  # per projection, where not the default
     quantize_router: bool = False  # MoE routers stay in full precision by default
 
     @classmethod
-    def from_config(cls, config: QuantConfig) -> LayerQuantSpec:
+    def from_config(cls, config: QuantConfig,
+                    formats: Mapping[str, WeightFormat] | None = None) -> LayerQuantSpec:
         """The spec of a run; a method that trains nothing (`rtn`) gets no LoRA, and clipping
-        only to carry a searched start."""
+        only to carry a searched start. `formats` gives projections their own weight format
+        (a mixed-precision allocation)."""
         return cls(
             wbits=config.wbits, abits=config.abits, group_size=config.group_size,
             symmetric=config.symmetric, lora_rank=config.lora_rank if config.trains else 0,
@@ -63,12 +67,18 @@ class LayerQuantSpec:
             qk_scaling=config.qk_scaling, down_scaling=config.down_scaling,
             quantize_attention=config.quantize_attention,
             rounding=config.rounding and config.trains,
+            formats=tuple(sorted((formats or {}).items())),
             quantize_router=config.quantize_router,
         )
 
     @property
     def weight_format(self) -> WeightFormat:
+        """The default weight format of the layer's projections."""
         return WeightFormat(self.wbits, self.group_size, self.symmetric)
+
+    def format_of(self, projection: str) -> WeightFormat:
+        """The weight format of one projection (by its name in the layer)."""
+        return dict(self.formats).get(projection, self.weight_format)
 
 
 class Learnable(nn.Module):
@@ -206,16 +216,18 @@ class ChannelScales(Learnable):
 
 
 def weight_learnables(spec: LayerQuantSpec, out_features: int, in_features: int,
-                      dtype: torch.dtype, generator: torch.Generator | None = None
-                      ) -> dict[str, WeightLearnable]:
-    """The per-weight learnables `spec` asks for, in the order `QuantLinear` applies them."""
+                      dtype: torch.dtype, generator: torch.Generator | None = None,
+                      fmt: WeightFormat | None = None) -> dict[str, WeightLearnable]:
+    """The per-weight learnables `spec` asks for, in the order `QuantLinear` applies them,
+    for a weight in format `fmt` (default: the spec's)."""
+    fmt = fmt or spec.weight_format
     found: dict[str, WeightLearnable] = {}
     if spec.lora_rank > 0:
         found["lora"] = LoRA(out_features, in_features, spec.lora_rank, dtype, generator)
-    if spec.lwc and spec.wbits < 16:
-        n_groups = 1 if spec.group_size is None else in_features // spec.group_size
+    if spec.lwc and fmt.bits < 16:
+        n_groups = 1 if fmt.group_size is None else in_features // fmt.group_size
         found["clip"] = Clipping(out_features, n_groups)
-    if spec.rounding and spec.wbits < 16:
+    if spec.rounding and fmt.bits < 16:
         found["round"] = Rounding(out_features, in_features, dtype)
     return found
 

@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from sliderquant.quant.learnables import Clipping, LayerQuantSpec, Rounding, weight_learnables
-from sliderquant.quant.quantizer import QuantGrid, fake_quantize, quant_params, weight_grid
+from sliderquant.quant.quantizer import (
+    QuantGrid,
+    WeightFormat,
+    fake_quantize,
+    fake_quantize_weight,
+    quant_params,
+    weight_grid,
+)
 from sliderquant.quant.search import search_clipping
 
 L = TypeVar("L", bound=nn.Module)
@@ -37,22 +44,23 @@ class QuantLinear(nn.Module):
     `W_t`, `b_t` are the (possibly channel-scaled) weight and bias handed in by the block;
     `adjust` applies the weight learnables in order (LoRA: W_t + B @ A * alpha / r), and the
     quantizer receives what they hand it (clipping logits choose the grid of the adjusted
-    weight, rounding offsets shift `adjusted / step` before rounding).
+    weight, rounding offsets shift `adjusted / step` before rounding). The weight format is
+    `fmt` (default: the spec's), so every projection of a layer may have its own.
 
     While `observing`, full-precision forwards accumulate the second moments of the inputs
     (per input channel) for a searched start (`search_start`).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: LayerQuantSpec,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, fmt: WeightFormat | None = None):
         super().__init__()
         out_features, in_features = weight.shape
         self.register_buffer("weight", weight.detach(), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
         self.abits = spec.abits
-        self.format = spec.weight_format
-        self.learnables = nn.ModuleDict(
-            weight_learnables(spec, out_features, in_features, weight.dtype, generator))
+        self.format = fmt or spec.weight_format
+        self.learnables = nn.ModuleDict(weight_learnables(
+            spec, out_features, in_features, weight.dtype, generator, self.format))
         self.input_moments: torch.Tensor | None = None  # sum of x^2 per input channel
         self.observed_tokens = 0
 
@@ -91,6 +99,12 @@ class QuantLinear(nn.Module):
         fmt = self.format
         step, _ = quant_params(adjusted, fmt.bits, fmt.group_size, symmetric=fmt.symmetric,
                                **args)
+        if fmt.split:  # the high rows of a channel split have their own, finer steps
+            rows = torch.tensor(fmt.high_rows, device=adjusted.device)
+            high, _ = quant_params(adjusted.index_select(0, rows), fmt.high_bits, fmt.group_size,
+                                   symmetric=fmt.symmetric,
+                                   **{k: v.index_select(0, rows) for k, v in args.items()})
+            step = step.index_copy(0, rows, high)
         out, n_in = adjusted.shape
         scaled = (adjusted.reshape(out, step.shape[-2], -1) / step).reshape(out, n_in)
         rounding.harden_(scaled, fraction)
@@ -109,9 +123,8 @@ class QuantLinear(nn.Module):
 
     def quantized_weight(self, weight: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
         """Fake-quantized `adjust(weight)` at fraction `rate` (differentiable w.r.t. learnables)."""
-        fmt = self.format
-        return fake_quantize(self.adjust(weight), fmt.bits, rate, fmt.group_size,
-                                  symmetric=fmt.symmetric, **self._quantizer_args())
+        return fake_quantize_weight(self.adjust(weight), self.format, rate,
+                                    **self._quantizer_args())
 
     def quantize_input(self, x: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
         """The input quantizer (per token, `abits`); projections that read the same tensor

@@ -26,11 +26,29 @@ FULL_RATE = 0.99  # fractions at or above this quantize the whole axis, as in th
 @dataclass(frozen=True)
 class WeightFormat:
     """How a weight is quantized: bits, per-channel (`group_size` None) or per-group, and
-    asymmetric (default, learned zero point) or symmetric (fixed zero point 2^(bits-1))."""
+    asymmetric (default, learned zero point) or symmetric (fixed zero point 2^(bits-1)).
+
+    A *channel split* keeps the output channels (rows) `high_rows` at `high_bits` and the
+    others at `bits`; every row keeps its own grid, so a split only changes how many levels
+    a row's grid has (trained and folded; no export format holds it, docs/MIXED.md).
+    """
 
     bits: int
     group_size: int | None = None
     symmetric: bool = False
+    high_bits: int | None = None
+    high_rows: tuple[int, ...] = ()
+
+    @property
+    def split(self) -> bool:
+        return bool(self.high_rows)
+
+    def row_bits(self, rows: int) -> torch.Tensor:
+        """Bits of every output channel, int64 [rows]."""
+        bits = torch.full((rows,), self.bits, dtype=torch.int64)
+        if self.split:
+            bits[list(self.high_rows)] = self.high_bits
+        return bits
 
 
 def round_ste(t: torch.Tensor) -> torch.Tensor:
@@ -119,6 +137,27 @@ def fake_quantize(
     return out
 
 
+def fake_quantize_weight(
+    weight: torch.Tensor,
+    fmt: WeightFormat,
+    rate: float = 1.0,
+    upper: torch.Tensor | None = None,
+    lower: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`fake_quantize` of a weight [out, in] in its format (a channel split quantizes its
+    high rows at `high_bits`, each row with its own clipping logits and rounding offsets)."""
+    low = fake_quantize(weight, fmt.bits, rate, fmt.group_size, upper, lower, fmt.symmetric,
+                        offset)
+    if not fmt.split:
+        return low
+    rows = torch.tensor(fmt.high_rows, device=weight.device)
+    upper, lower, offset = _rows(upper, rows), _rows(lower, rows), _rows(offset, rows)
+    high = fake_quantize(weight.index_select(0, rows), fmt.high_bits, rate, fmt.group_size,
+                         upper, lower, fmt.symmetric, offset)
+    return low.index_copy(0, rows, high)
+
+
 def weight_grid(
     weight: torch.Tensor,
     fmt: WeightFormat,
@@ -129,8 +168,20 @@ def weight_grid(
     """The full (rate 1) quantization of `weight` [out, in] as integer codes on their grid."""
     codes, step, zero = quantize_codes(weight, fmt.bits, fmt.group_size, upper, lower,
                                        fmt.symmetric, offset)
-    return QuantGrid(codes.reshape(weight.shape), step.squeeze(-1), zero.squeeze(-1),
-                     fmt.bits, fmt.group_size)
+    codes, step, zero = codes.reshape(weight.shape), step.squeeze(-1), zero.squeeze(-1)
+    if not fmt.split:
+        return QuantGrid(codes, step, zero, fmt.bits, fmt.group_size)
+    rows = torch.tensor(fmt.high_rows, device=weight.device)
+    high = weight_grid(weight.index_select(0, rows),
+                       WeightFormat(fmt.high_bits, fmt.group_size, fmt.symmetric),
+                       _rows(upper, rows), _rows(lower, rows), _rows(offset, rows))
+    return QuantGrid(codes.index_copy(0, rows, high.codes), step.index_copy(0, rows, high.step),
+                     zero.index_copy(0, rows, high.zero), fmt.bits, fmt.group_size,
+                     fmt.row_bits(weight.shape[0]).to(weight.device))
+
+
+def _rows(t: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else t.index_select(0, rows)
 
 
 def _grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
@@ -141,13 +192,15 @@ def _grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
 
 @dataclass
 class QuantGrid:
-    """A weight on its integer grid: W = (codes - zero) * step, per row or per group."""
+    """A weight on its integer grid: W = (codes - zero) * step, per row or per group; codes
+    of a row with b bits lie in [0, 2^b - 1]."""
 
     codes: torch.Tensor  # [out, in], integers in [0, 2^bits - 1] (stored as float)
     step: torch.Tensor  # [out, n_groups]
     zero: torch.Tensor  # [out, n_groups]
-    bits: int
+    bits: int  # every row's bits, or the low bits of a channel split
     group_size: int | None
+    row_bits: torch.Tensor | None = None  # a channel split: bits of every row [out]
 
     def dequantize(self) -> torch.Tensor:
         out, n_groups = self.step.shape
