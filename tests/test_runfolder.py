@@ -252,8 +252,23 @@ def test_asymmetric_moe_run_is_refused_compressed_before_quantizing(tmp_path, mo
     monkeypatch.setattr(api, "run_pipeline", boom)
     with pytest.raises(api.ConfigError, match="--symmetric"):
         api.quantize(family_model("qwen3_moe"), None, rtn_config(), calib=CALIB,
-                     output_dir=tmp_path / "r", show_progress=False)
+                     output_dir=tmp_path / "r", formats="compressed", show_progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_default_format_falls_back_to_fake_where_compressed_cannot_hold_the_run(tmp_path):
+    """Regression: with the compressed default, an asymmetric MoE run (and an activation-only
+    run) exited 2 although the user had asked for no format; the default now writes the
+    fake-quantized folder and says why."""
+    from test_families import tiny_model as family_model
+
+    notes = []
+    api.quantize(family_model("qwen3_moe"), None, rtn_config(), calib=CALIB,
+                 output_dir=tmp_path / "moe", show_progress=False, warn=notes.append)
+    assert api.read_run_record(tmp_path / "moe")["formats"] == {"fake": "."}
+    assert "--symmetric" in notes[0]
+    assert runfolder.default_formats(rtn_config(wbits=16, abits=8))[0] == ("fake",)
+    assert runfolder.default_formats(rtn_config()) == (("compressed",), None)
 
 
 def test_a_writer_failing_after_quantization_keeps_the_work(tmp_path, monkeypatch):

@@ -56,6 +56,7 @@ from sliderquant.runfolder import RUN_FILE as RUN_FILE
 from sliderquant.runfolder import RunFolder as RunFolder
 from sliderquant.runfolder import RunFolderError as RunFolderError
 from sliderquant.runfolder import check_formats as check_formats
+from sliderquant.runfolder import default_formats as default_formats
 from sliderquant.runfolder import load_grids as load_grids
 from sliderquant.runfolder import loadable_ref as loadable_ref
 from sliderquant.runfolder import open_run as open_run
@@ -103,7 +104,8 @@ def quantize(
     visit `device` only while they are run or trained. With `output_dir` (a path, or a
     folder already opened with `open_run`), the folder is locked for the run, the learnables
     are checkpointed after every window (`resume=True` continues a killed run) and the
-    model is saved there in `formats` (default: compressed; see `runfolder.save`). A folder
+    model is saved there in `formats` (default: compressed where it can hold the result,
+    else fake, with a note through `warn`; see `runfolder.save`). A folder
     that holds a finished run is refused unless `overwrite=True`. `evaluation` names the
     evaluation the caller will add before the run counts as finished; `record` holds extra
     entries for the run record.
@@ -113,6 +115,10 @@ def quantize(
     ranks; rank 0 alone opens, locks and writes `output_dir` (its errors are raised on
     every rank), every rank returns the folded model.
     """
+    if formats is None and output_dir is not None:
+        formats, note = default_formats(config, model)
+        if note:
+            warn(note)
     formats = parse_formats(formats)
     if output_dir is None:
         return run_pipeline(model, tokenizer, config, calib, data_dir=data_dir,

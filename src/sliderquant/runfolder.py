@@ -89,6 +89,17 @@ def check_formats(formats: tuple[str, ...], config: QuantConfig,
                           "--format gguf --drop-activation-quantization`")
 
 
+def default_formats(config: QuantConfig,
+                    model: torch.nn.Module | None = None) -> tuple[tuple[str, ...], str | None]:
+    """What a run writes when no format was asked for: the compressed checkpoint where it can
+    hold the result, else the fake-quantized folder, with a note saying why."""
+    try:
+        check_formats(DEFAULT_FORMATS, config, model)
+    except ConfigError as refused:
+        return ("fake",), f"writing the fake-quantized folder (--format fake): {refused}"
+    return DEFAULT_FORMATS, None
+
+
 def state_of(path: Path) -> str:
     """`new`, `partial`, `quantized` or `finished` (see the module docstring)."""
     record = _read_json(path / RUN_FILE)

@@ -143,9 +143,10 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     for name, key, text in _CONFIG_SWITCHES:
         q.add_argument(f"--{name}", dest=key, action=argparse.BooleanOptionalAction,
                        default=None, help=text)
-    q.add_argument("--format", default="compressed",
+    q.add_argument("--format", default=None,
                    help="what to write, comma-separated: compressed (compressed-tensors "
-                        "pack-quantized, loads in plain transformers; default), gguf "
+                        "pack-quantized, loads in plain transformers; the default where it "
+                        "can hold the result, else fake, with a note), gguf "
                         "(OUT/model.gguf, llama.cpp), fake (fp32 fake-quantized folder). The "
                         "first of compressed/fake fills --out itself, a second goes to "
                         "OUT/<format>")
@@ -198,7 +199,9 @@ def run(args: argparse.Namespace) -> int:
 
     clock = Clock()
     config = _config_from_args(args)
-    formats = api.parse_formats(args.format)
+    formats, format_note = api.parse_formats(args.format), None
+    if args.format is None:
+        formats, format_note = api.default_formats(config)
     api.check_formats(formats, config)
     tasks = options.parse_tasks(args.tasks)
     perplexity_sets, lm_eval_tasks = options.split_tasks(tasks)
@@ -224,7 +227,11 @@ def run(args: argparse.Namespace) -> int:
             raise api.RunFolderError(f"{args.model} is already a quantized run; quantize the "
                                      "original model instead")
         api.preflight(loaded.model, config)
+        if args.format is None:
+            formats, format_note = api.default_formats(config, loaded.model)
         api.check_formats(formats, config, loaded.model)
+        if format_note:
+            say(args, format_note)
         eval_seqlen = options.eval_length(loaded.model, args.eval_seqlen, args)
         fp = None
         if tasks and args.fp_reference and main:
