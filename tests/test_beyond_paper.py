@@ -22,7 +22,7 @@ from sliderquant.engine import (
 from sliderquant.fold import fold_layers
 from sliderquant.quant.learnables import LayerQuantSpec, Rounding
 from sliderquant.quant.linear import QuantLinear
-from sliderquant.quant.quantizer import fake_quantize, quant_params, weight_grid
+from sliderquant.quant.quantizer import WeightFormat, fake_quantize, quant_params, weight_grid
 from sliderquant.quant.search import search_clipping, weighted_error
 
 CALIB = torch.randint(0, 96, (8, 32), generator=torch.Generator().manual_seed(0))
@@ -89,9 +89,12 @@ def test_learned_offsets_get_gradients_and_hardened_ones_do_not():
     assert (grad[rounding.hard == 0] != 0).any()
 
 
-def test_hardening_keeps_the_codes_and_reaches_every_weight():
+@pytest.mark.parametrize("fmt", [None, WeightFormat(2, 8, high_bits=4, high_rows=(1, 5))],
+                         ids=["uniform", "channel-split"])
+def test_hardening_keeps_the_codes_and_reaches_every_weight(fmt):
+    """Also for a channel split (issue 17), whose high rows round on their own finer steps."""
     spec = LayerQuantSpec(wbits=2, abits=16, group_size=8, rounding=True, lora_rank=4)
-    lin = QuantLinear(torch.randn(8, 32), None, spec)
+    lin = QuantLinear(torch.randn(8, 32), None, spec, fmt=fmt)
     randomise_learnables([lin])
     with torch.no_grad():
         lin.learnables["round"].offset.uniform_(-0.45, 0.45)
