@@ -199,10 +199,11 @@ def run(args: argparse.Namespace) -> int:
 
     clock = Clock()
     config = _config_from_args(args)
-    formats, format_note = api.parse_formats(args.format), None
     if args.format is None:
         formats, format_note = api.default_formats(config)
-    api.check_formats(formats, config)
+    else:
+        formats, format_note = api.parse_formats(args.format), None
+        api.check_formats(formats, config)
     tasks = options.parse_tasks(args.tasks)
     perplexity_sets, lm_eval_tasks = options.split_tasks(tasks)
     device = distributed.launch(options.compute_device(args.device))
@@ -229,7 +230,8 @@ def run(args: argparse.Namespace) -> int:
         api.preflight(loaded.model, config)
         if args.format is None:
             formats, format_note = api.default_formats(config, loaded.model)
-        api.check_formats(formats, config, loaded.model)
+        else:
+            api.check_formats(formats, config, loaded.model)
         if format_note:
             say(args, format_note)
         eval_seqlen = options.eval_length(loaded.model, args.eval_seqlen, args)

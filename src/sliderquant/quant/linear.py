@@ -21,7 +21,6 @@ from sliderquant.quant.quantizer import (
     WeightFormat,
     fake_quantize,
     fake_quantize_weight,
-    quant_params,
     weight_grid,
 )
 from sliderquant.quant.search import search_clipping
@@ -96,17 +95,9 @@ class QuantLinear(nn.Module):
             return
         adjusted = self.adjust(weight)
         args = {k: v for k, v in self._quantizer_args().items() if k != "offset"}
-        fmt = self.format
-        step, _ = quant_params(adjusted, fmt.bits, fmt.group_size, symmetric=fmt.symmetric,
-                               **args)
-        if fmt.split:  # the high rows of a channel split have their own, finer steps
-            rows = torch.tensor(fmt.high_rows, device=adjusted.device)
-            high, _ = quant_params(adjusted.index_select(0, rows), fmt.high_bits, fmt.group_size,
-                                   symmetric=fmt.symmetric,
-                                   **{k: v.index_select(0, rows) for k, v in args.items()})
-            step = step.index_copy(0, rows, high)
+        step = weight_grid(adjusted, self.format, **args).step  # per row's own bits (splits)
         out, n_in = adjusted.shape
-        scaled = (adjusted.reshape(out, step.shape[-2], -1) / step).reshape(out, n_in)
+        scaled = (adjusted.reshape(out, step.shape[-1], -1) / step[..., None]).reshape(out, n_in)
         rounding.harden_(scaled, fraction)
 
     def adjust(self, weight: torch.Tensor) -> torch.Tensor:
