@@ -10,6 +10,16 @@ through `fake_quantize` (straight-through rounding, so gradients flow) and foldi
 estimator gives exactly `round(t)` in the forward pass, so the two cannot disagree.
 An optional per-entry rounding `offset` (learned rounding, quant/learnables.py `Rounding`)
 is added to `x / step` before rounding on both paths: the codes stay on the same grid.
+
+Training calls the quantizer for every weight and activation in every step, so its two
+full-size parts are autograd Functions with hand-written backwards (`_GroupRange`: the
+min/max statistics, `_RoundTrip`: round, clamp, dequantize). They evaluate autograd's own
+derivative formulas for the same graph, operation by operation and in the same order, so
+values and gradients are bit-identical to the plain autograd graph (tests/test_fake_quant.py
+keeps that graph as the reference); what they drop is cost: masks are float arithmetic
+instead of boolean tensors (slow on CPU), temporaries are reused in place, and nothing is
+saved for backward under `no_grad`. The small per-row/group arithmetic (clipping, step,
+zero point) stays on autograd.
 """
 
 from __future__ import annotations
@@ -75,9 +85,7 @@ def quant_params(
     and compressed-tensors' symmetric int4 (scale absmax / 7.5). The grid covers
     [-2^(b-1), 2^(b-1) - 1] steps, so a positive absmax is clipped by less than one step.
     """
-    groups = _grouped(x, group_size)
-    hi = groups.amax(dim=-1, keepdim=True)
-    lo = groups.amin(dim=-1, keepdim=True)
+    hi, lo = _GroupRange.apply(_grouped(x, group_size))
     if upper is not None:
         hi = torch.sigmoid(upper).unsqueeze(-1) * hi
         lo = torch.sigmoid(lower).unsqueeze(-1) * lo
@@ -129,8 +137,10 @@ def fake_quantize(
     """
     if bits >= 16:
         return x
-    codes, step, zero = quantize_codes(x, bits, group_size, upper, lower, symmetric, offset)
-    out = ((codes - zero) * step).reshape(x.shape)
+    step, zero = quant_params(x, bits, group_size, upper, lower, symmetric)
+    grouped_offset = None if offset is None else _grouped(offset, group_size)
+    out = _RoundTrip.apply(_grouped(x, group_size), step, zero, grouped_offset, 2**bits - 1,
+                           torch.is_grad_enabled()).reshape(x.shape)
     if rate < FULL_RATE:
         k = math.ceil(rate * x.shape[-1])
         out = torch.cat([out[..., :k], x[..., k:]], dim=-1)
@@ -178,6 +188,79 @@ def weight_grid(
     return QuantGrid(codes.index_copy(0, rows, high.codes), step.index_copy(0, rows, high.step),
                      zero.index_copy(0, rows, high.zero), fmt.bits, fmt.group_size,
                      fmt.row_bits(weight.shape[0]).to(weight.device))
+
+
+class _GroupRange(torch.autograd.Function):
+    """(amax, amin) over the last axis, keepdim. Backward: autograd's `amax`/`amin`
+    backward, (grad / count) * (x == extreme), the two summed; the equality masks come from
+    float arithmetic (`sign(x - max) + 1` is 1 at a maximum, 0 elsewhere)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        hi, lo = x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True)
+        ctx.save_for_backward(x, hi, lo)
+        return hi, lo
+
+    @staticmethod
+    def backward(ctx, d_hi, d_lo):
+        x, hi, lo = ctx.saved_tensors
+        at_hi = (hi - x).sign_().neg_().add_(1)  # operand order: autograd's output layout
+        at_lo = (lo - x).sign_().add_(1)
+        at_hi.mul_(d_hi / at_hi.sum(dim=-1, keepdim=True))
+        at_lo.mul_(d_lo / at_lo.sum(dim=-1, keepdim=True))
+        return at_hi.add_(at_lo)
+
+
+class _RoundTrip(torch.autograd.Function):
+    """`(clamp(round(x / step + offset) + zero, 0, levels) - zero) * step` on grouped
+    tensors (step, zero: [..., 1]; zero carries no gradient), with autograd's gradients of
+    that graph under the straight-through rounding of `round_ste`:
+    d/dstep = sum(g * (codes - zero)) - sum(g' * (x / step) / step) and d/dx = g' / step,
+    d/doffset = g', where g' = g * step inside the clamp range and 0 outside it."""
+
+    @staticmethod
+    def forward(ctx, x, step, zero, offset, levels: int, saves: bool):
+        scaled = x / step
+        t = scaled.round() if offset is None else (scaled + offset).round_()
+        t = _into(t, zero, torch.add)
+        codes = t.clamp(0, levels)
+        if not saves:
+            return _into(codes.sub_(zero), step, torch.mul)  # t's dtype already has zero's
+        # 1 where the code was not clamped, else 0: t and codes are integers, so the
+        # clamped indicator is |t - codes| capped at 1
+        inside = t.sub_(codes).abs_().clamp_(max=1).neg_().add_(1)
+        centred = codes.sub_(zero)
+        # (x / step) / step: what the gradient of the step needs from x
+        ctx.save_for_backward(_into(scaled, step, torch.div), step,
+                              inside.to(step.dtype).mul_(step), centred)
+        return centred * step
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_by_step2, step, step_inside, centred = ctx.saved_tensors
+        needs_x, needs_step, _, needs_offset, _, _ = ctx.needs_input_grad
+        g = step_inside * grad  # operand order: autograd's memory layout, hence its sums
+        d_step = None
+        if needs_step:
+            product = grad * centred
+            d_step = product.sum(dim=-1, keepdim=True)
+            if product.dtype == torch.result_type(x_by_step2, g):
+                reverse = torch.mul(x_by_step2, g, out=product)
+            else:
+                reverse = x_by_step2 * g
+            d_step = d_step + reverse.sum(dim=-1, keepdim=True).neg_()
+        d_offset = g if needs_offset else None
+        d_x = None
+        if needs_x:
+            d_x = g / step if needs_offset else _into(g, step, torch.div)
+        return d_x, d_step, None, d_offset, None, None
+
+
+def _into(a: torch.Tensor, b: torch.Tensor, op) -> torch.Tensor:
+    """`op(a, b)`, written into the temporary `a` where that gives the same dtype."""
+    if a.dtype == torch.result_type(a, b):
+        return op(a, b, out=a)
+    return op(a, b)
 
 
 def _rows(t: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
