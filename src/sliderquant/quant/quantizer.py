@@ -220,34 +220,32 @@ class _RoundTrip(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, step, zero, offset, levels: int, saves: bool):
-        scaled = x / step
-        t = scaled.round() if offset is None else (scaled + offset).round_()
-        t = _into(t, zero, torch.add)
-        codes = t.clamp(0, levels)
+        t = x / step
+        if offset is not None:
+            t = _into(t, offset, torch.add)
+        t = _into(t.round_(), zero, torch.add)
+        centred = t.clamp(0, levels).sub_(zero)  # t's dtype already is zero's promotion
         if not saves:
-            return _into(codes.sub_(zero), step, torch.mul)  # t's dtype already has zero's
-        # 1 where the code was not clamped, else 0: t and codes are integers, so the
-        # clamped indicator is |t - codes| capped at 1
-        inside = t.sub_(codes).abs_().clamp_(max=1).neg_().add_(1)
-        centred = codes.sub_(zero)
-        # (x / step) / step: what the gradient of the step needs from x
-        ctx.save_for_backward(_into(scaled, step, torch.div), step,
-                              inside.to(step.dtype).mul_(step), centred)
+            return _into(centred, step, torch.mul)
+        ctx.levels = levels
+        ctx.save_for_backward(x, step, t, centred)
         return centred * step
 
     @staticmethod
     def backward(ctx, grad):
-        x_by_step2, step, step_inside, centred = ctx.saved_tensors
+        # Saved tensors are reused as buffers: a second backward through the same graph
+        # fails autograd's version check instead of reading them.
+        x, step, t, centred = ctx.saved_tensors
         needs_x, needs_step, _, needs_offset, _, _ = ctx.needs_input_grad
-        g = step_inside * grad  # operand order: autograd's memory layout, hence its sums
+        # clamp's gradient mask: t is an integer, so "0 <= t <= levels" is the open
+        # interval (-0.5, levels + 0.5) of hardtanh's backward; written into t (its layout
+        # is the one autograd's `where` gives, hence the same sums downstream)
+        g = torch.ops.aten.hardtanh_backward.grad_input(grad * step, t, -0.5, ctx.levels + 0.5,
+                                                        grad_input=t)
         d_step = None
         if needs_step:
-            product = grad * centred
-            d_step = product.sum(dim=-1, keepdim=True)
-            if product.dtype == torch.result_type(x_by_step2, g):
-                reverse = torch.mul(x_by_step2, g, out=product)
-            else:
-                reverse = x_by_step2 * g
+            d_step = (grad * centred).sum(dim=-1, keepdim=True)
+            reverse = _into(_into(x / step, step, torch.div), g, torch.mul)
             d_step = d_step + reverse.sum(dim=-1, keepdim=True).neg_()
         d_offset = g if needs_offset else None
         d_x = None
