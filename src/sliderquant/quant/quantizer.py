@@ -197,7 +197,7 @@ class _GroupRange(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        hi, lo = x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True)
+        lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
         ctx.save_for_backward(x, hi, lo)
         return hi, lo
 
@@ -238,14 +238,22 @@ class _RoundTrip(torch.autograd.Function):
         x, step, t, centred = ctx.saved_tensors
         needs_x, needs_step, _, needs_offset, _, _ = ctx.needs_input_grad
         # clamp's gradient mask: t is an integer, so "0 <= t <= levels" is the open
-        # interval (-0.5, levels + 0.5) of hardtanh's backward; written into t (its layout
-        # is the one autograd's `where` gives, hence the same sums downstream)
-        g = torch.ops.aten.hardtanh_backward.grad_input(grad * step, t, -0.5, ctx.levels + 0.5,
+        # interval (-0.5, levels + 0.5) of hardtanh's backward. Masking before or after
+        # the product with the step gives the same values; written into t, whose layout is
+        # the one autograd's `where` gives (so the sums downstream add in the same order).
+        g = torch.ops.aten.hardtanh_backward.grad_input(grad, t, -0.5, ctx.levels + 0.5,
                                                         grad_input=t)
+        g = _into(g, step, torch.mul)
         d_step = None
         if needs_step:
-            d_step = (grad * centred).sum(dim=-1, keepdim=True)
-            reverse = _into(_into(x / step, step, torch.div), g, torch.mul)
+            # grad * (codes - zero), in autograd's operand order (its layout sets the sum's order)
+            product = (centred.mul_(grad) if centred.stride() == grad.stride()
+                       and centred.dtype == torch.result_type(grad, centred)
+                       else grad * centred)
+            d_step = product.sum(dim=-1, keepdim=True)
+            reverse = _into(_into(torch.div(x, step, out=product) if product.dtype
+                                  == torch.result_type(x, step) else x / step, step, torch.div),
+                            g, torch.mul)
             d_step = d_step + reverse.sum(dim=-1, keepdim=True).neg_()
         d_offset = g if needs_offset else None
         d_x = None
