@@ -73,6 +73,7 @@ def quant_params(
     upper: torch.Tensor | None = None,
     lower: torch.Tensor | None = None,
     symmetric: bool = False,
+    pending: _PendingGrad | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step and zero-point for `x`, shaped `[..., n_groups, 1]` (one group if `group_size` is None).
 
@@ -85,7 +86,7 @@ def quant_params(
     and compressed-tensors' symmetric int4 (scale absmax / 7.5). The grid covers
     [-2^(b-1), 2^(b-1) - 1] steps, so a positive absmax is clipped by less than one step.
     """
-    hi, lo = _GroupRange.apply(_grouped(x, group_size))
+    hi, lo = _GroupRange.apply(_grouped(x, group_size), pending or _PendingGrad())
     if upper is not None:
         hi = torch.sigmoid(upper).unsqueeze(-1) * hi
         lo = torch.sigmoid(lower).unsqueeze(-1) * lo
@@ -137,10 +138,11 @@ def fake_quantize(
     """
     if bits >= 16:
         return x
-    step, zero = quant_params(x, bits, group_size, upper, lower, symmetric)
+    pending = _PendingGrad()
+    step, zero = quant_params(x, bits, group_size, upper, lower, symmetric, pending)
     grouped_offset = None if offset is None else _grouped(offset, group_size)
     out = _RoundTrip.apply(_grouped(x, group_size), step, zero, grouped_offset, 2**bits - 1,
-                           torch.is_grad_enabled()).reshape(x.shape)
+                           torch.is_grad_enabled(), pending).reshape(x.shape)
     if rate < FULL_RATE:
         k = math.ceil(rate * x.shape[-1])
         out = torch.cat([out[..., :k], x[..., k:]], dim=-1)
@@ -190,25 +192,46 @@ def weight_grid(
                      fmt.row_bits(weight.shape[0]).to(weight.device))
 
 
+class _PendingGrad:
+    """The gradient `_RoundTrip` computed for x, handed to `_GroupRange` (whose backward runs
+    after it) so that the min/max gradients are added into it in place: autograd would
+    materialise them as a second dense tensor and then add the two."""
+
+    grad: torch.Tensor | None = None
+    scratch: torch.Tensor | None = None  # a free temporary of x's shape, if there is one
+
+
 class _GroupRange(torch.autograd.Function):
     """(amax, amin) over the last axis, keepdim. Backward: autograd's `amax`/`amin`
-    backward, (grad / count) * (x == extreme), the two summed; the equality masks come from
-    float arithmetic (`sign(x - max) + 1` is 1 at a maximum, 0 elsewhere)."""
+    backward, (grad / count) * (x == extreme), the two summed and added to the round trip's
+    gradient of x; the equality masks come from float arithmetic (`1 - sign(max - x)` is 1
+    at a maximum, 0 elsewhere)."""
 
     @staticmethod
-    def forward(ctx, x):
-        lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+    def forward(ctx, x, pending: _PendingGrad):
+        hi, lo = x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True)
+        ctx.pending = pending
         ctx.save_for_backward(x, hi, lo)
         return hi, lo
 
     @staticmethod
     def backward(ctx, d_hi, d_lo):
         x, hi, lo = ctx.saved_tensors
-        at_hi = (hi - x).sign_().neg_().add_(1)  # operand order: autograd's output layout
-        at_lo = (lo - x).sign_().add_(1)
-        at_hi.mul_(d_hi / at_hi.sum(dim=-1, keepdim=True))
-        at_lo.mul_(d_lo / at_lo.sum(dim=-1, keepdim=True))
-        return at_hi.add_(at_lo)
+        grad, scratch = ctx.pending.grad, ctx.pending.scratch
+        ctx.pending.grad = ctx.pending.scratch = None
+        if grad is None:
+            grad = torch.zeros_like(x)
+        # the masks' layout does not matter: counts are exact, products with 0/1 too
+        at = hi - x if scratch is None else torch.sub(hi, x, out=scratch)
+        at = at.sign_().neg_().add_(1)
+        count = at.sum(dim=-1, keepdim=True)
+        # a constant row is all maxima and all minima: autograd adds both shares there
+        # before the round trip's gradient, so they are added together here too
+        constant = hi == lo
+        grad.addcmul_(at, torch.where(constant, d_hi / count + d_lo / count, d_hi / count))
+        at = torch.sub(lo, x, out=at).sign_().add_(1)
+        d_lo = torch.where(constant, 0.0, d_lo / at.sum(dim=-1, keepdim=True))
+        return grad.addcmul_(at, d_lo), None
 
 
 class _RoundTrip(torch.autograd.Function):
@@ -219,7 +242,7 @@ class _RoundTrip(torch.autograd.Function):
     d/doffset = g', where g' = g * step inside the clamp range and 0 outside it."""
 
     @staticmethod
-    def forward(ctx, x, step, zero, offset, levels: int, saves: bool):
+    def forward(ctx, x, step, zero, offset, levels: int, saves: bool, pending: _PendingGrad):
         t = x / step
         if offset is not None:
             t = _into(t, offset, torch.add)
@@ -227,7 +250,7 @@ class _RoundTrip(torch.autograd.Function):
         centred = t.clamp(0, levels).sub_(zero)  # t's dtype already is zero's promotion
         if not saves:
             return _into(centred, step, torch.mul)
-        ctx.levels = levels
+        ctx.levels, ctx.pending = levels, pending
         ctx.save_for_backward(x, step, t, centred)
         return centred * step
 
@@ -236,7 +259,7 @@ class _RoundTrip(torch.autograd.Function):
         # Saved tensors are reused as buffers: a second backward through the same graph
         # fails autograd's version check instead of reading them.
         x, step, t, centred = ctx.saved_tensors
-        needs_x, needs_step, _, needs_offset, _, _ = ctx.needs_input_grad
+        needs_x, needs_step, _, needs_offset, _, _, _ = ctx.needs_input_grad
         # clamp's gradient mask: t is an integer, so "0 <= t <= levels" is the open
         # interval (-0.5, levels + 0.5) of hardtanh's backward. Masking before or after
         # the product with the step gives the same values; written into t, whose layout is
@@ -246,20 +269,22 @@ class _RoundTrip(torch.autograd.Function):
         g = _into(g, step, torch.mul)
         d_step = None
         if needs_step:
-            # grad * (codes - zero), in autograd's operand order (its layout sets the sum's order)
-            product = (centred.mul_(grad) if centred.stride() == grad.stride()
-                       and centred.dtype == torch.result_type(grad, centred)
-                       else grad * centred)
+            # sum(grad * (codes - zero)); written into `centred` only where that keeps the
+            # layout of autograd's product, which sets the order of the sum
+            same = centred.stride() == grad.stride()
+            product = _into(centred, grad, torch.mul) if same else grad * centred
             d_step = product.sum(dim=-1, keepdim=True)
-            reverse = _into(_into(torch.div(x, step, out=product) if product.dtype
-                                  == torch.result_type(x, step) else x / step, step, torch.div),
-                            g, torch.mul)
+            # - sum(g * (x / step) / step), reusing the product's memory
+            ratio = (torch.div(x, step, out=product)
+                     if product.dtype == torch.result_type(x, step) else x / step)
+            reverse = _into(_into(ratio, step, torch.div), g, torch.mul)
             d_step = d_step + reverse.sum(dim=-1, keepdim=True).neg_()
+            if reverse.dtype == x.dtype:
+                ctx.pending.scratch = reverse
         d_offset = g if needs_offset else None
-        d_x = None
-        if needs_x:
-            d_x = g / step if needs_offset else _into(g, step, torch.div)
-        return d_x, d_step, None, d_offset, None, None
+        if needs_x:  # x's gradient continues in _GroupRange's backward
+            ctx.pending.grad = g / step if needs_offset else _into(g, step, torch.div)
+        return None, d_step, None, d_offset, None, None, None
 
 
 def _into(a: torch.Tensor, b: torch.Tensor, op) -> torch.Tensor:
