@@ -1,6 +1,7 @@
-"""The fake quantizer's hand-written backwards (quant/quantizer.py `_GroupRange`,
-`_RoundTrip`) against the plain autograd graph they replace: the same values and, bit for
-bit, the same gradients for every input and learnable."""
+"""The training step's cheaper pieces against the plain autograd graphs they replace: the
+fake quantizer's hand-written backwards (quant/quantizer.py `_GroupRange`, `_RoundTrip`)
+and LoRA's single `addmm`. The same values and, bit for bit, the same gradients for every
+input and learnable."""
 
 import math
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from sliderquant.quant import quantizer
-from sliderquant.quant.quantizer import STEP_MAX, STEP_MIN, FULL_RATE, _grouped, round_ste
+from sliderquant.quant.learnables import LoRA
+from sliderquant.quant.quantizer import FULL_RATE, STEP_MAX, STEP_MIN, _grouped, round_ste
 
 
 def reference_fake_quantize(x, bits, rate=1.0, group_size=None, upper=None, lower=None,
@@ -55,10 +57,7 @@ def run(fn, base: torch.Tensor, learnables: dict, weight_like: bool, **kw):
     a scaled activation otherwise), a fixed random upstream gradient, backward; returns the
     output and the gradient of every learnable."""
     params = {k: v.clone().requires_grad_(True) for k, v in learnables.items()}
-    if weight_like:
-        x = base + params["b"] @ params["a"] * 0.25
-    else:
-        x = base * params["s"]
+    x = base + params["b"] @ params["a"] * 0.25 if weight_like else base * params["s"]
     args = {k: params[k] for k in ("upper", "lower", "offset") if k in params}
     out = fn(x, **kw, **args)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
@@ -164,3 +163,44 @@ def test_layer_step_matches_the_autograd_quantizer(monkeypatch):
     assert grads.keys() == ref_grads.keys() and len(grads) > 10
     for name in grads:
         assert torch.equal(grads[name], ref_grads[name]), name
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_lora_delta_in_one_addmm_matches_the_three_step_formula(weight_grad):
+    """W + (B @ A) * alpha / r at the default rank 4, where the weight itself may carry a
+    gradient (channel scaling)."""
+    g = torch.Generator().manual_seed(5)
+    lora = LoRA(48, 32, 4, torch.float32, g)
+    with torch.no_grad():
+        lora.b.copy_(torch.randn(48, 4, generator=g) * 0.05)
+    base = torch.randn(48, 32, generator=g)
+    upstream = torch.randn(48, 32, generator=g)
+
+    def grads(adjust):
+        w = base.clone().requires_grad_(weight_grad)
+        lora.zero_grad()
+        out = adjust(w)
+        (out * upstream).sum().backward()
+        return out.detach(), lora.a.grad.clone(), lora.b.grad.clone(), w.grad
+
+    fast = grads(lora.adjust)
+    reference = grads(lambda w: w + (lora.b @ lora.a) * (1.0 / lora.rank))
+    for a, b in zip(fast, reference, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_gradient_of_the_clipping_alone_and_no_second_backward():
+    """Asking only for the clipping logits' gradient gives autograd's; a second backward
+    through the same graph fails loudly (the backward reuses its saved tensors)."""
+    x = tied_weight(24, 64, 1).requires_grad_(True)
+    upper = torch.full((24, 1), 1.5, requires_grad=True)
+    lower = torch.full((24, 1), 2.0, requires_grad=True)
+    got = torch.autograd.grad(quantizer.fake_quantize(x, 3, upper=upper, lower=lower).sum(),
+                              [upper], retain_graph=False)[0]
+    ref = torch.autograd.grad(reference_fake_quantize(x, 3, upper=upper, lower=lower).sum(),
+                              [upper])[0]
+    assert torch.equal(got, ref)
+    loss = quantizer.fake_quantize(x, 3, upper=upper, lower=lower).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
