@@ -10,7 +10,11 @@ import torch
 
 from sliderquant.quant import quantizer
 from sliderquant.quant.learnables import LoRA
-from sliderquant.quant.quantizer import FULL_RATE, STEP_MAX, STEP_MIN, _grouped, round_ste
+from sliderquant.quant.quantizer import FULL_RATE, STEP_MAX, STEP_MIN, _grouped
+
+
+def round_ste(t):
+    return t + (t.round() - t).detach()
 
 
 def reference_fake_quantize(x, bits, rate=1.0, group_size=None, upper=None, lower=None,

@@ -4,22 +4,24 @@ One (step, zero-point) per row of the last axis, or per group of `group_size` en
 it; optional clipping logits that shrink the range; partial ("sliding") quantization of
 the first `ceil(rate * D)` entries with statistics from the whole row.
 
-`quantize_codes` is the one path from a tensor to its integer codes: training reaches it
-through `fake_quantize` (straight-through rounding, so gradients flow) and folding through
-`weight_grid` (the same codes, kept as a `QuantGrid`). Rounding with the straight-through
-estimator gives exactly `round(t)` in the forward pass, so the two cannot disagree.
-An optional per-entry rounding `offset` (learned rounding, quant/learnables.py `Rounding`)
-is added to `x / step` before rounding on both paths: the codes stay on the same grid.
+`quant_params` and `_codes` are the one path from a tensor to its integer codes: training
+reaches it through `fake_quantize` (straight-through rounding, so gradients flow) and
+folding through `quantize_codes` / `weight_grid` (the same codes, kept as a `QuantGrid`),
+so the two cannot disagree. An optional per-entry rounding `offset` (learned rounding,
+quant/learnables.py `Rounding`) is added to `x / step` before rounding on both paths: the
+codes stay on the same grid.
 
 Training calls the quantizer for every weight and activation in every step, so its two
 full-size parts are autograd Functions with hand-written backwards (`_GroupRange`: the
-min/max statistics, `_RoundTrip`: round, clamp, dequantize). They evaluate autograd's own
-derivative formulas for the same graph, operation by operation and in the same order, so
-values and gradients are bit-identical to the plain autograd graph (tests/test_fake_quant.py
-keeps that graph as the reference); what they drop is cost: masks are float arithmetic
-instead of boolean tensors (slow on CPU), temporaries are reused in place, and nothing is
-saved for backward under `no_grad`. The small per-row/group arithmetic (clipping, step,
-zero point) stays on autograd.
+min/max statistics, `_RoundTrip`: round, clamp, dequantize). They evaluate the derivative
+formulas autograd uses for the plain graph (straight-through rounding `t + (round(t) -
+t).detach()`, clamp, amax/amin), in the same order and memory layouts, so values and
+gradients are bit-identical to it (tests/test_fake_quant.py keeps that graph as the
+reference); what they drop is cost: masks are float arithmetic instead of boolean tensors
+(slow on CPU), temporaries are reused in place, the min/max gradients are added into the
+round trip's gradient instead of a tensor of their own, and nothing is saved under
+`no_grad`. The small per-row/group arithmetic (clipping, step, zero point) stays on
+autograd.
 """
 
 from __future__ import annotations
@@ -61,11 +63,6 @@ class WeightFormat:
         return bits
 
 
-def round_ste(t: torch.Tensor) -> torch.Tensor:
-    """Round with a straight-through (identity) gradient; the value is exactly `t.round()`."""
-    return t + (t.round() - t).detach()
-
-
 def quant_params(
     x: torch.Tensor,
     bits: int,
@@ -73,7 +70,6 @@ def quant_params(
     upper: torch.Tensor | None = None,
     lower: torch.Tensor | None = None,
     symmetric: bool = False,
-    pending: _PendingGrad | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step and zero-point for `x`, shaped `[..., n_groups, 1]` (one group if `group_size` is None).
 
@@ -86,7 +82,12 @@ def quant_params(
     and compressed-tensors' symmetric int4 (scale absmax / 7.5). The grid covers
     [-2^(b-1), 2^(b-1) - 1] steps, so a positive absmax is clipped by less than one step.
     """
-    hi, lo = _GroupRange.apply(_grouped(x, group_size), pending or _PendingGrad())
+    hi, lo = _GroupRange.apply(_grouped(x, group_size), _PendingGrad())
+    return _params_of_range(hi, lo, bits, upper, lower, symmetric)
+
+
+def _params_of_range(hi, lo, bits, upper, lower, symmetric):
+    """`quant_params` from the max/min of every row or group."""
     if upper is not None:
         hi = torch.sigmoid(upper).unsqueeze(-1) * hi
         lo = torch.sigmoid(lower).unsqueeze(-1) * lo
@@ -108,17 +109,26 @@ def quantize_codes(
     symmetric: bool = False,
     offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes, step, zero) of `x`: codes in [0, 2^b - 1] (float, straight-through gradient)
-    shaped `[..., n_groups, group]`, step and zero `[..., n_groups, 1]`.
+    """(codes, step, zero) of `x`: codes in [0, 2^b - 1] (float; for folding, no gradient:
+    training differentiates `fake_quantize`) shaped `[..., n_groups, group]`, step and zero
+    `[..., n_groups, 1]`.
 
     `offset` (shaped like `x`, in [-0.5, 0.5]) is added to `x / step` before rounding, so
     an entry rounds up or down by choice instead of to the nearest level."""
     step, zero = quant_params(x, bits, group_size, upper, lower, symmetric)
-    scaled = _grouped(x, group_size) / step
-    if offset is not None:
-        scaled = scaled + _grouped(offset, group_size)
-    codes = (round_ste(scaled) + zero).clamp(0, 2**bits - 1)
+    offset = None if offset is None else _grouped(offset, group_size)
+    with torch.no_grad():
+        _, codes = _codes(_grouped(x, group_size), step, zero, offset, 2**bits - 1)
     return codes, step, zero
+
+
+def _codes(x, step, zero, offset, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(round(x / step + offset) + zero, the same clamped to [0, levels]) of grouped `x`."""
+    t = x / step
+    if offset is not None:
+        t = _into(t, offset, torch.add)
+    t = _into(t.round_(), zero, torch.add)
+    return t, t.clamp(0, levels)
 
 
 def fake_quantize(
@@ -139,7 +149,8 @@ def fake_quantize(
     if bits >= 16:
         return x
     pending = _PendingGrad()
-    step, zero = quant_params(x, bits, group_size, upper, lower, symmetric, pending)
+    hi, lo = _GroupRange.apply(_grouped(x, group_size), pending)
+    step, zero = _params_of_range(hi, lo, bits, upper, lower, symmetric)
     grouped_offset = None if offset is None else _grouped(offset, group_size)
     out = _RoundTrip.apply(_grouped(x, group_size), step, zero, grouped_offset, 2**bits - 1,
                            torch.is_grad_enabled(), pending).reshape(x.shape)
@@ -237,17 +248,14 @@ class _GroupRange(torch.autograd.Function):
 class _RoundTrip(torch.autograd.Function):
     """`(clamp(round(x / step + offset) + zero, 0, levels) - zero) * step` on grouped
     tensors (step, zero: [..., 1]; zero carries no gradient), with autograd's gradients of
-    that graph under the straight-through rounding of `round_ste`:
+    that graph under straight-through rounding:
     d/dstep = sum(g * (codes - zero)) - sum(g' * (x / step) / step) and d/dx = g' / step,
     d/doffset = g', where g' = g * step inside the clamp range and 0 outside it."""
 
     @staticmethod
     def forward(ctx, x, step, zero, offset, levels: int, saves: bool, pending: _PendingGrad):
-        t = x / step
-        if offset is not None:
-            t = _into(t, offset, torch.add)
-        t = _into(t.round_(), zero, torch.add)
-        centred = t.clamp(0, levels).sub_(zero)  # t's dtype already is zero's promotion
+        t, codes = _codes(x, step, zero, offset, levels)
+        centred = codes.sub_(zero)  # t's dtype already is zero's promotion
         if not saves:
             return _into(centred, step, torch.mul)
         ctx.levels, ctx.pending = levels, pending
