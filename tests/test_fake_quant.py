@@ -208,3 +208,21 @@ def test_gradient_of_the_clipping_alone_and_no_second_backward():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("clipping", [False, True])
+def test_half_precision_inputs_match_autograd_bit_for_bit(dtype, clipping):
+    """Half-precision weights or activations (autocast), also against float32 clipping
+    logits (a float32 step): the same values and gradients."""
+    results = []
+    for fn in (quantizer.fake_quantize, reference_fake_quantize):
+        x = tied_weight(24, 64, 0).to(dtype).requires_grad_(True)
+        upper = torch.full((24, 4), 1.5, requires_grad=True)
+        lower = torch.full((24, 4), 2.0, requires_grad=True)
+        kw = {"upper": upper, "lower": lower} if clipping else {}
+        out = fn(x, 3, group_size=16, **kw)
+        (out.float() * torch.linspace(-1, 1, 64)).sum().backward()
+        results.append((out.detach(), x.grad, upper.grad if clipping else torch.zeros(())))
+    for got, want in zip(*results, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)

@@ -290,8 +290,10 @@ class _RoundTrip(torch.autograd.Function):
             if reverse.dtype == x.dtype:
                 ctx.pending.scratch = reverse
         d_offset = g if needs_offset else None
-        if needs_x:  # x's gradient continues in _GroupRange's backward
-            ctx.pending.grad = g / step if needs_offset else _into(g, step, torch.div)
+        if needs_x:  # x's gradient continues in _GroupRange's backward, in x's dtype as
+            # autograd would hand it over
+            d_x = g / step if needs_offset else _into(g, step, torch.div)
+            ctx.pending.grad = d_x.to(x.dtype)
         return None, d_step, None, d_offset, None, None, None
 
 
