@@ -167,16 +167,17 @@ def mixed_suite() -> list[Cell]:
     ids, samples and epochs; the uniform 3-bit cell is the same recipe at --wbits 3). Every
     cell is exported to both formats and measured on disk; cells marked `reload` are
     evaluated again from both exports. 2-bit g64 alone stores 2.28 bits per weight (codes,
-    scales, zero points), so the 2.25-bit budget starts from g128."""
-    g64, g128 = ["--group-size", "64"], ["--group-size", "128"]
+    scales, zero points), so the 2.25-bit budget needs larger groups; groups of 128 do not
+    divide SmolLM2's width 576, so that cell is per output channel (2.03 bits at 2-bit)."""
+    g64 = ["--group-size", "64"]
     fisher = ["--alloc-unit", "projection", "--alloc-score", "fisher"]
     rows = [  # (key, setting, allocation, args, reload the exports)
         ("W2 g64", "uniform 2-bit g64", "-", [*MIXED_BUDGET, *g64], False),
         ("W3 g64", "uniform 3-bit g64", "-", [*MIXED_BUDGET, *g64, "--wbits", "3"], False),
         ("2.5 projection fisher", "2.5 bits, g64", "projection, fisher",
          [*MIXED_BUDGET, *g64, "--avg-bits", "2.5", *fisher], True),
-        ("2.25 projection fisher g128", "2.25 bits, g128", "projection, fisher",
-         [*MIXED_BUDGET, *g128, "--avg-bits", "2.25", *fisher], False),
+        ("2.25 projection fisher per-channel", "2.25 bits, per channel", "projection, fisher",
+         [*MIXED_BUDGET, "--avg-bits", "2.25", *fisher], False),
     ]
     return [Cell(key, {"setting": setting, "allocation": alloc, "reload": reload}, args)
             for key, setting, alloc, args, reload in rows]
@@ -355,6 +356,8 @@ def write_mixed_markdown(suite: str, cells: list[Cell], results: dict) -> Path:
         lines.append(f"| {c.label['setting']} | {c.label['allocation']} | {bits} | {comp_s} | "
                      f"{gguf_s} | {fmt_ppl(r['ppl']['wikitext2'])} | {fmt_ppl(r['ppl']['c4'])} "
                      f"| {reload} | {r['quantize_cpu_s']:.0f}{scan} |")
+    lines += [_peer_row(key, r) for key, r in results.items()
+              if isinstance(r, dict) and "peer" in r and "ppl" in r]
     meta = results.get("_meta", {})
     lines += ["", "avg bits (ours): storage bits of the quantized projections (codes, a 16-bit "
               "scale and a zero point of the row's width per group of 64 or 128) per "
@@ -365,7 +368,11 @@ def write_mixed_markdown(suite: str, cells: list[Cell], results: dict) -> Path:
               "kept exactly; SmolLM2's 576-wide rows make 2- and 3-bit tensors Q4_1). "
               "Reloaded: perplexity change of `sliderquant eval` on the export against the "
               "in-memory model. CPU s: CPU seconds of the quantization (scan included, in "
-              "brackets) in one process with OMP_NUM_THREADS=1, evaluation excluded.", "",
+              "brackets) in one process with OMP_NUM_THREADS=1, evaluation excluded. "
+              "auto-round rows (benchmarks/peers/mixed.py): its AutoScheme search and tuning "
+              "in auto-round's venv, saved as a fake-quant folder (not exported), scored by "
+              "`sliderquant eval`; avg bits counted the same way from its chosen bits; CPU s "
+              "include its child processes, its search in brackets.", "",
               f"Machine: {meta.get('machine')}. Dates: {cell_dates(results, rows)}.",
               f"Command: `OMP_NUM_THREADS=1 python benchmarks/run.py {suite} --data-dir DATA` "
               f"(each cell: `{results[rows[0].key]['command']}` with its own flags, then "
@@ -374,6 +381,16 @@ def write_mixed_markdown(suite: str, cells: list[Cell], results: dict) -> Path:
               "evaluation flags)."]
     write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def _peer_row(key: str, r: dict) -> str:
+    """A peer's mixed-precision cell (benchmarks/peers/mixed.py) in the mixed table."""
+    counts = r["storage"]["projections_by_bits"]
+    alloc = ", ".join(f"{n} at {b} bits" for b, n in counts.items())
+    cpu = r["quantize_cpu_s"] + r.get("children_cpu_s", 0.0)
+    return (f"| {key} | {alloc} | {r['storage']['bits_per_weight']:.4f} | not exported | - | "
+            f"{fmt_ppl(r['ppl']['wikitext2'])} | {fmt_ppl(r['ppl']['c4'])} | - | {cpu:.0f} "
+            f"({r['settings']['auto_scheme']['cpu_s']:.0f}) |")
 
 
 PROJECTION_WEIGHTS = 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)  # SmolLM2-135M

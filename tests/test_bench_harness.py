@@ -61,3 +61,53 @@ def test_only_selects_cells_by_their_key(only, expected):
                               only=only)
     cells = duel.planned(args, {})
     assert {(s.name, seed, tool) for s, seed, tool, _, _ in cells} == expected
+
+
+def _peer():
+    """benchmarks/peers/quantize_peer.py, loaded by path (benchmarks/peers/ stays off
+    sys.path: its run.py would shadow benchmarks/run.py)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "peers" / "quantize_peer.py"
+    spec = importlib.util.spec_from_file_location("quantize_peer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _two_projections():
+    import torch
+
+    model = torch.nn.Module()
+    model.q_proj = torch.nn.Linear(128, 4, bias=False)   # 2 groups of 64 per row
+    model.k_proj = torch.nn.Linear(64, 2, bias=False)
+    with torch.no_grad():  # 8 distinct values in every group of q, 4 in every row of k
+        model.q_proj.weight.copy_(torch.arange(512.0).remainder(8).reshape(4, 128))
+        model.k_proj.weight.copy_(torch.arange(128.0).remainder(4).reshape(2, 64))
+    return model
+
+
+def test_peer_storage_counts_codes_scales_and_zero_points_per_layer_width():
+    peer = _peer()
+    got = peer.storage(_two_projections(), {"q_proj": (2, 64), "k_proj": (3, None)})
+    # q: 2-bit codes + 8 groups x (16-bit scale + 2-bit zero); k: 3-bit codes + 2 rows x 19
+    assert got["bits"] == 2 * 512 + 8 * 18 + 3 * 128 + 2 * 19
+    assert got["weights"] == 640 and got["projections_by_bits"] == {"2": 1, "3": 1}
+
+
+def test_peer_check_grid_checks_each_layer_against_its_own_bits():
+    peer = _peer()
+    model = _two_projections()
+    peer.check_grid(model, {"q_proj": (3, 64), "k_proj": (2, None)})
+    with pytest.raises(RuntimeError, match="q_proj: 8 distinct values"):
+        peer.check_grid(model, {"q_proj": (2, 64), "k_proj": (2, None)})
+
+
+def test_peer_chosen_formats_refuses_a_symmetric_or_missing_choice():
+    peer = _peer()
+    asym = {"bits": 3, "group_size": 64, "sym": False, "data_type": "int", "act_bits": 16}
+    assert peer.chosen_formats({"q_proj": asym}, ["q_proj"]) == {"q_proj": (3, 64)}
+    with pytest.raises(RuntimeError, match="k_proj"):
+        peer.chosen_formats({"q_proj": asym}, ["q_proj", "k_proj"])
+    with pytest.raises(RuntimeError, match="asymmetric"):
+        peer.chosen_formats({"q_proj": {**asym, "sym": True}}, ["q_proj"])
