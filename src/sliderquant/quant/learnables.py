@@ -115,7 +115,12 @@ class LoRA(WeightLearnable):
         self.b = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype))
 
     def adjust(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + (self.b @ self.a) * (LORA_ALPHA / self.rank)
+        scale = LORA_ALPHA / self.rank
+        if torch.is_autocast_enabled(weight.device.type):  # addmm would cast the weight too
+            return weight + (self.b @ self.a) * scale
+        # one pass over the weight instead of three; the same values where `scale` is a
+        # power of two (the default rank 4), within float rounding otherwise
+        return torch.addmm(weight, self.b, self.a, alpha=scale)
 
 
 class Clipping(WeightLearnable):
