@@ -141,8 +141,7 @@ def test_values_without_gradients_match_autograd():
 def test_layer_step_matches_the_autograd_quantizer(monkeypatch):
     """A whole student layer (channel scaling, LoRA, clipping, learned rounding, W3 g16 and
     per-token A4 at a partial rate): loss and every learnable's gradient bit for bit."""
-    from conftest import tiny_model
-    from test_layer import randomise_learnables, wrap
+    from test_layer import student_step
 
     from sliderquant.quant import blocks, linear
     from sliderquant.quant.learnables import LayerQuantSpec
@@ -150,19 +149,10 @@ def test_layer_step_matches_the_autograd_quantizer(monkeypatch):
     spec = LayerQuantSpec(wbits=3, abits=4, group_size=16, channel_scaling=True,
                           rounding=True)
     x = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(0))
-
-    def step():
-        adapter, layers = wrap(tiny_model(layers=1), spec)
-        randomise_learnables(layers)
-        cos, sin = adapter.rotary(x, x.shape[1])
-        loss = layers[0](x, cos, sin, True, 0.75).pow(2).mean()
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in layers[0].named_parameters()}
-
-    loss, grads = step()
+    loss, grads = student_step(spec, x)
     for module in (quantizer, linear, blocks):
         monkeypatch.setattr(module, "fake_quantize", reference_fake_quantize)
-    ref_loss, ref_grads = step()
+    ref_loss, ref_grads = student_step(spec, x)
     assert torch.equal(loss, ref_loss)
     assert grads.keys() == ref_grads.keys() and len(grads) > 10
     for name in grads:
