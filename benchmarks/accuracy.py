@@ -78,7 +78,10 @@ def write_markdown(records: list[dict]) -> Path:
     return path
 
 
-def main() -> int:
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The script's own options, and in `flags` everything after the first `--` (a trailing
+    REMAINDER positional would swallow the options that follow NAME)."""
+    cut = argv.index("--") if "--" in argv else len(argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("name", nargs="?")
     ap.add_argument("--model", default="smollm2-135m")
@@ -87,12 +90,16 @@ def main() -> int:
     ap.add_argument("--eval-seqlen", type=int, default=2048)
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--table", action="store_true", help="only rewrite accuracy.md")
-    ap.add_argument("flags", nargs=argparse.REMAINDER)
-    args = ap.parse_args()
+    args = ap.parse_args(argv[:cut])
+    args.flags = argv[cut + 1:]
+    if not args.table and (not args.name or not args.data_dir):
+        ap.error("NAME and --data-dir are needed unless --table")
+    return args
+
+
+def main() -> int:
+    args = parse_args(sys.argv[1:])
     if not args.table:
-        if not args.name or not args.data_dir:
-            ap.error("NAME and --data-dir are needed unless --table")
-        args.flags = [f for f in args.flags if f != "--"]
         record = run(args)
         print(json.dumps({k: record[k] for k in ("name", "cpu_s", "wikitext2")}), flush=True)
         record_in_list(JSON_PATH, record, lambda r: r["name"])

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import accuracy
 import duel
 from store import record_in_list
 
@@ -111,3 +112,11 @@ def test_peer_chosen_formats_refuses_a_symmetric_or_missing_choice():
         peer.chosen_formats({"q_proj": asym}, ["q_proj", "k_proj"])
     with pytest.raises(RuntimeError, match="asymmetric"):
         peer.chosen_formats({"q_proj": {**asym, "sym": True}}, ["q_proj"])
+
+
+def test_accuracy_script_reads_its_options_after_the_name_and_the_flags_after_dashes():
+    args = accuracy.parse_args(["run1", "--model", "stories260k", "--data-dir", "D",
+                                "--tasks", "wikitext2", "--", "--preset", "w2a16", "--fast"])
+    assert (args.name, args.model, args.data_dir, args.tasks) == ("run1", "stories260k", "D",
+                                                                  "wikitext2")
+    assert args.flags == ["--preset", "w2a16", "--fast"]

@@ -14,6 +14,7 @@ from sliderquant.cli import quantize as quantize_cli
 from sliderquant.config import PRESETS, ConfigError
 from sliderquant.engine import (
     BestEpoch,
+    SignSGD,
     hardening_fractions,
     make_schedule,
     make_units,
@@ -159,6 +160,44 @@ def test_a_run_with_learned_rounding_ends_fully_hardened(tmp_path):
     assert any((t.abs() > 0).any() for t in offsets)
 
 
+# ---- signed-gradient rounding updates ---------------------------------------------------------
+def test_sign_sgd_moves_every_entry_by_exactly_the_learning_rate():
+    p = torch.nn.Parameter(torch.zeros(5))
+    p.grad = torch.tensor([3.0, -1e-6, 0.0, 250.0, -2.0])
+    SignSGD([p], lr=0.25).step()
+    assert p.detach().tolist() == [-0.25, 0.25, 0.0, -0.25, 0.25]
+
+
+def test_signed_rounding_steps_are_not_scaled_by_the_batch_size():
+    adam, sign = small(round_lr=0.01), small(round_lr=0.01, round_update="sign")
+    assert adam.learning_rates["round"] == pytest.approx(0.01 * adam.batch_size)
+    assert sign.learning_rates["round"] == 0.01
+    assert sign.learning_rates["lora"] == adam.learning_rates["lora"]
+
+
+def test_a_run_with_signed_rounding_moves_offsets_and_ends_hardened(tmp_path):
+    """Signed steps train the offsets (they move, and differently from AdamW's) and the run
+    still ends fully hardened (the fold is the same as for AdamW's offsets)."""
+    from safetensors.torch import load_file
+
+    from sliderquant.checkpoint import CheckpointStore
+    from sliderquant.models.adapters import DecoderAdapter
+    from sliderquant.span import quantize_span
+
+    moved = {}
+    for update in ("adam", "sign"):
+        cfg = small(rounding=True, round_lr=2e-2, round_update=update)
+        store = CheckpointStore(tmp_path / update)
+        quantize_span(DecoderAdapter(tiny_model(layers=4)), cfg, CALIB, torch.device("cpu"),
+                      store=store, show_progress=False)
+        state = load_file(str(tmp_path / update / "learnables.safetensors"))
+        assert all((t != 0).all() for k, t in state.items() if k.endswith("round.hard"))
+        moved[update] = torch.cat([t.flatten() for k, t in state.items()
+                                   if k.endswith("round.offset")])
+    assert moved["sign"].abs().mean() > 0.01
+    assert not torch.equal(moved["sign"], moved["adam"])
+
+
 # ---- searched start --------------------------------------------------------------------------
 @pytest.mark.parametrize("group_size", [None, 8])
 @pytest.mark.parametrize("symmetric", [False, True])
@@ -259,6 +298,7 @@ def test_a_run_with_every_mechanism_trains_and_folds():
     ({"wbits": 16, "search_start": True}, "wbits < 16"),
     ({"lwc": False, "search_start": True}, "turn lwc on"),
     ({"round_lr": -1.0}, "round_lr"),
+    ({"round_update": "sgd"}, "round_update must be one of adam, sign"),
 ])
 def test_invalid_settings_say_what_to_do(values, fragment):
     with pytest.raises(ConfigError, match=fragment):
@@ -269,9 +309,10 @@ def test_cli_flags_reach_the_config():
     parser = argparse.ArgumentParser()
     quantize_cli.add_arguments(parser)
     args = parser.parse_args(["m", "--out", "o", "--rounding", "--search-start", "--best-epoch",
-                              "--loss-mask", "0.001", "--round-lr", "0.02"])
+                              "--loss-mask", "0.001", "--round-lr", "0.02",
+                              "--round-update", "sign"])
     assert (args.rounding, args.search_start, args.best_epoch) == (True, True, True)
-    assert (args.loss_mask, args.round_lr) == (0.001, 0.02)
+    assert (args.loss_mask, args.round_lr, args.round_update) == (0.001, 0.02, "sign")
 
 
 def test_hardening_on_another_device_comes_back_with_the_layer():

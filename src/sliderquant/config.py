@@ -24,6 +24,7 @@ import yaml
 SUPPORTED_BITS = (2, 3, 4, 8, 16)
 METHODS = ("sliderquant", "fixed", "blockwise", "rtn")
 INTRA_MODES = ("global_passes", "per_window")
+ROUND_UPDATES = ("adam", "sign")
 AUTO_SCHEDULE = "auto"  # shallow/deep chosen by a sensitivity scan before training
 ALLOC_UNITS = ("layer", "projection", "channel")  # what one choice of bits covers
 ALLOC_SCORES = ("rtn", "fisher")  # measured loss change per unit, or its Fisher estimate
@@ -78,6 +79,9 @@ class QuantConfig:
     scale_lr: float = 1e-3
     clip_lr: float = 1e-2
     round_lr: float = 5e-3
+    # adam: AdamW like the other groups; sign: signed-gradient steps of round_lr each (not
+    # times the batch), SignRound's update, so every offset can cross a boundary in 1/lr steps
+    round_update: str = "adam"
     lr_times_batch: bool = True
     # calibration
     calib: str = "wikitext2:train"
@@ -202,8 +206,9 @@ class QuantConfig:
     def learning_rates(self) -> dict[str, float]:
         """Effective optimiser learning rates per group (after the batch-size factor)."""
         factor = self.batch_size if self.lr_times_batch else 1
+        round_factor = 1 if self.round_update == "sign" else factor
         return {"lora": self.lora_lr * factor, "scale": self.scale_lr * factor,
-                "clip": self.clip_lr * factor, "round": self.round_lr * factor}
+                "clip": self.clip_lr * factor, "round": self.round_lr * round_factor}
 
     @property
     def allocates(self) -> bool:
@@ -260,6 +265,8 @@ class QuantConfig:
         g = self.group_size
         if g is not None and (g < 1 or g & (g - 1)):
             raise ConfigError(f"group_size={self.group_size} must be a power of two (e.g. 64, 128)")
+        if self.round_update not in ROUND_UPDATES:
+            raise ConfigError(f"round_update must be one of {', '.join(ROUND_UPDATES)}")
         if self.intra_mode not in INTRA_MODES:
             raise ConfigError(f"intra_mode must be one of {', '.join(INTRA_MODES)}")
         if self.symmetric and self.wbits >= 16:

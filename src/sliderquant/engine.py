@@ -112,6 +112,22 @@ def learnable_state(layers: list[QuantDecoderLayer]) -> dict[str, torch.Tensor]:
             for name, t in layer.state_dict(keep_vars=True).items()}
 
 
+class SignSGD(torch.optim.Optimizer):
+    """p -= lr * sign(grad): SignRound's update (auto-round), every entry moves by exactly
+    the learning rate whatever its gradient's size, so rounding offsets cross boundaries
+    in a fixed number of steps."""
+
+    def __init__(self, params, lr: float = 1e-2):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad.sign(), alpha=-group["lr"])
+
+
 class BestEpoch:
     """Keeps a copy of `state` (learnable tensors, changed in place by training) from the
     epoch with the lowest loss offered, and puts it back with `restore`. The loss of an epoch
@@ -376,18 +392,22 @@ class Engine:
         batch's mean loss."""
         cfg = self.config
         lrs = cfg.learning_rates
-        param_groups = [{"params": p, "lr": lrs[name] * lr_factor}
-                        for name, p in optimiser_groups(layers).items() if p and lrs[name] > 0]
-        params = [p for group in param_groups for p in group["params"]]
+        signed = {"round"} if cfg.round_update == "sign" else set()
+        param_groups = {name: {"params": p, "lr": lrs[name] * lr_factor}
+                        for name, p in optimiser_groups(layers).items() if p and lrs[name] > 0}
+        params = [p for group in param_groups.values() for p in group["params"]]
         n = shard.total
         epochs = cfg.epochs_per_stage
         total = epochs * math.ceil(n / cfg.batch_size)
         if not param_groups:
             bar.update(total)
             return []
-        optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: max(0.0, 1.0 - step / total))
+        optimizers = [kind(groups) for kind, groups in (
+            (lambda g: torch.optim.AdamW(g, weight_decay=0.0),
+             [g for name, g in param_groups.items() if name not in signed]),
+            (SignSGD, [g for name, g in param_groups.items() if name in signed])) if groups]
+        schedules = [torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: max(0.0, 1.0 - step / total)) for optimizer in optimizers]
         losses = []
         best = BestEpoch(learnable_state(layers)) if cfg.best_epoch else None
         for _ in range(epochs):
@@ -396,7 +416,8 @@ class Engine:
             for lo in range(0, n, cfg.batch_size):
                 idx = order[lo:lo + cfg.batch_size]
                 mine = shard.local(idx)
-                optimizer.zero_grad(set_to_none=True)
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
                 loss = None
                 if len(mine):
                     x = xq[mine].to(self.device)
@@ -411,8 +432,9 @@ class Engine:
                 batch_loss = self.comm.reduce_gradients(loss, params)
                 if not math.isfinite(batch_loss):
                     raise NonFiniteLossError
-                optimizer.step()
-                schedule.step()
+                for optimizer, schedule in zip(optimizers, schedules, strict=True):
+                    optimizer.step()
+                    schedule.step()
                 epoch_loss += batch_loss * len(idx)
                 bar.update(1)
             losses.append(epoch_loss / n)

@@ -21,6 +21,7 @@ from sliderquant.config import (
     INTRA_MODES,
     METHODS,
     PRESETS,
+    ROUND_UPDATES,
     SCHEMES,
     QuantConfig,
 )
@@ -66,7 +67,10 @@ _CONFIG_FLAGS: list[tuple[str, str, object, str]] = [
     ("--scale-lr", "scale_lr", finite_float, "channel-scaling learning rate (per sample)"),
     ("--clip-lr", "clip_lr", finite_float,
      "learnable weight clipping learning rate (per sample)"),
-    ("--round-lr", "round_lr", finite_float, "learned rounding learning rate (per sample)"),
+    ("--round-lr", "round_lr", finite_float, "learned rounding learning rate (per sample; with "
+     "--round-update sign the size of each signed step)"),
+    ("--round-update", "round_update", str, "adam (default) or sign: signed-gradient steps "
+     "for the rounding offsets (SignRound's update)"),
     ("--loss-mask", "loss_mask", finite_float, "fraction of the largest squared output errors "
      "left out of the window loss, e.g. 0.001 (default 0: plain MSE)"),
     ("--shallow", "shallow", positive_int, "layers covered by the growing windows (PESW), Ls"),
@@ -92,8 +96,8 @@ _CONFIG_FLAGS: list[tuple[str, str, object, str]] = [
     ("--alloc-score", "alloc_score", str, f"{' | '.join(ALLOC_SCORES)}: measured loss change "
      "of each choice with rounding to nearest (default), or its Fisher estimate"),
 ]
-_CHOICES = {"method": METHODS, "intra_mode": INTRA_MODES, "alloc_unit": ALLOC_UNITS,
-            "alloc_score": ALLOC_SCORES}
+_CHOICES = {"method": METHODS, "intra_mode": INTRA_MODES, "round_update": ROUND_UPDATES,
+            "alloc_unit": ALLOC_UNITS, "alloc_score": ALLOC_SCORES}
 _CONFIG_SWITCHES: list[tuple[str, str, str]] = [
     ("lwc", "lwc", "learnable weight clipping"),
     ("channel-scaling", "channel_scaling", "learnable channel scaling (needs abits < 16)"),
