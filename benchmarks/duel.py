@@ -72,9 +72,11 @@ EVAL = peers.EVAL
 MODEL_NAME = "SmolLM2-135M-Instruct (embedded GGUF, dequantized: WORK/fp)"
 TOOLS = ("sliderquant", "auto-round")
 MATCH_TOLERANCE = 0.15
-# Today's main at its two budgets, the "before" line: --fast, and 8 epochs per window, about
+# Our default recipe at two budgets: --fast, and 8 epochs per window, about
 # auto-round's 50-iteration CPU time in every cell (--fast trains 2 epochs at 4 bits, 4 at
-# 2 bits; W4A16 with 8 epochs took 2,032 CPU s against auto-round's 2,268, budget.md).
+# 2 bits; W4A16 with 8 epochs took 2,032 CPU s against auto-round's 2,268, budget.md). The
+# paper's recipe: `--recipe paper-fast='--fast --paper ...'` (records before 2026-11-28 with
+# the label `fast` ran the paper's recipe: it was the default then).
 DEFAULT_RECIPES = {"fast": "--fast --calib wikitext2:valid --method sliderquant",
                    "epochs8": "--fast --calib wikitext2:valid --method sliderquant --epochs 8"}
 # auto-round's CPU-vs-iters line: ~100 s of set-up plus ~45 s per iteration on this machine

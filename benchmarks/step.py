@@ -57,9 +57,9 @@ STEP_FLAGS = ["--schedule", "0-1", "--intra-stages", "1", "--nsamples", str(TOKE
               "--seqlen", str(SEQLEN), "--batch-size", str(TOKENS)]
 DEFAULT_RECIPES = {
     "W4A16": "--preset w4a16 --fast",
-    "W2A16 g64": "--preset w2a16 --fast --group-size 64",
+    "W2A16 g64": "--preset w2a16 --fast --group-size 64 --paper",
     "W4A4 + channel scaling": "--preset w4a4 --fast --no-rotate",
-    "W2A16 g64 + learned rounding": "--preset w2a16 --fast --group-size 64 --rounding",
+    "W2A16 g64 + learned rounding": "--preset w2a16 --fast --group-size 64 --paper --rounding",
 }
 TOP_OPS = 12
 

@@ -138,6 +138,9 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
                         "default: the recipe for --scheme's bits, else w4a16")
     q.add_argument("--fast", action="store_true",
                    help="the preset's CPU-sized variant (fewer, shorter samples; fewer epochs)")
+    q.add_argument("--paper", action="store_true",
+                   help="the paper's recipe exactly (docs/ALGORITHM.md), without the default "
+                        "recipe's measured improvements (README, Recipes)")
     q.add_argument("--config", type=Path, help="YAML file of QuantConfig keys (applied after "
                    "the preset, before command-line flags)")
     options.add_calibration_arguments(q, default_calib=None)
@@ -173,7 +176,7 @@ def _config_from_args(args: argparse.Namespace) -> QuantConfig:
     file_values.pop("preset", None)
     scheme = args.scheme or file_values.pop("scheme", None)
     file_values.pop("scheme", None)
-    return QuantConfig.from_preset(args.preset, args.fast, scheme=scheme,
+    return QuantConfig.from_preset(args.preset, args.fast, scheme=scheme, paper=args.paper,
                                    **{**file_values, **overrides})
 
 
