@@ -43,7 +43,6 @@ def randomise_learnables(layers, seed=0, qk_pairs_equal=False):
                     p.copy_(0.05 * torch.randn(p.shape, generator=g))
 
 
-
 def student_step(spec, x, rate=0.75):
     """(loss, every learnable's gradient) of one training step of a randomised one-layer
     student on `x`, quantized at `rate`."""
@@ -53,6 +52,7 @@ def student_step(spec, x, rate=0.75):
     loss = layers[0](x, cos, sin, True, rate).pow(2).mean()
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in layers[0].named_parameters()}
+
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_fp_wrapper_equals_transformers_logits(family):

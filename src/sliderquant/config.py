@@ -214,9 +214,16 @@ class QuantConfig:
     def learning_rates(self) -> dict[str, float]:
         """Effective optimiser learning rates per group (after the batch-size factor)."""
         factor = self.batch_size if self.lr_times_batch else 1
-        round_factor = 1 if self.round_update == "sign" else factor
-        return {"lora": self.lora_lr * factor, "scale": self.scale_lr * factor,
-                "clip": self.clip_lr * factor, "round": self.round_lr * round_factor}
+        lrs = {"lora": self.lora_lr, "scale": self.scale_lr, "clip": self.clip_lr,
+               "round": self.round_lr}
+        return {name: lr * (1 if name in self.signed_groups else factor)
+                for name, lr in lrs.items()}
+
+    @property
+    def signed_groups(self) -> frozenset[str]:
+        """Optimiser groups trained by signed steps of their learning rate (a step size, so
+        not multiplied by the batch size); the others use AdamW."""
+        return frozenset({"round"}) if self.round_update == "sign" else frozenset()
 
     @property
     def allocates(self) -> bool:

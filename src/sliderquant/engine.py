@@ -392,7 +392,6 @@ class Engine:
         batch's mean loss."""
         cfg = self.config
         lrs = cfg.learning_rates
-        signed = {"round"} if cfg.round_update == "sign" else set()
         param_groups = {name: {"params": p, "lr": lrs[name] * lr_factor}
                         for name, p in optimiser_groups(layers).items() if p and lrs[name] > 0}
         params = [p for group in param_groups.values() for p in group["params"]]
@@ -402,10 +401,10 @@ class Engine:
         if not param_groups:
             bar.update(total)
             return []
-        optimizers = [kind(groups) for kind, groups in (
-            (lambda g: torch.optim.AdamW(g, weight_decay=0.0),
-             [g for name, g in param_groups.items() if name not in signed]),
-            (SignSGD, [g for name, g in param_groups.items() if name in signed])) if groups]
+        adam = [g for name, g in param_groups.items() if name not in cfg.signed_groups]
+        signed = [g for name, g in param_groups.items() if name in cfg.signed_groups]
+        optimizers = ([torch.optim.AdamW(adam, weight_decay=0.0)] if adam else []) + (
+            [SignSGD(signed)] if signed else [])
         schedules = [torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: max(0.0, 1.0 - step / total)) for optimizer in optimizers]
         losses = []
