@@ -66,6 +66,8 @@ def test_the_default_recipe_leaves_the_baselines_and_explicit_flags_alone():
         assert not QuantConfig.from_preset("w4a16", fast=True, method=method).search_start
     assert QuantConfig.from_preset("w2a16", fast=True, intra_stages=2).intra_stages == 2
     assert not QuantConfig.from_preset("w4a16", fast=True, search_start=False).search_start
+    assert QuantConfig.from_preset("w3a16", fast=True).search_start
+    assert not QuantConfig.from_preset("w3a16", fast=True, paper=True).search_start
 
 
 def test_paper_flag_reaches_the_config():
