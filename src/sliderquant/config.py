@@ -382,12 +382,13 @@ FAST_BY_PRESET: dict[str, dict[str, Any]] = {
 }
 # The default recipe's departures from the paper, each measured to give a better model at
 # about the same CPU time on SmolLM2 (docs/RESULTS.md, "The default recipe"); `--paper`
-# leaves them out. W2A16: one intra-layer stage (all weights quantized from the start);
-# W3A16 and W4A16: clipping starts from the activation-weighted search.
+# leaves them out. W2A16 and W4A4: one intra-layer stage (all weights quantized from the
+# start); W3A16 and W4A16: clipping starts from the activation-weighted search.
 DEFAULT_FAST_BY_PRESET: dict[str, dict[str, Any]] = {
     "w2a16": {"intra_stages": 1},
     "w3a16": {"search_start": True},
     "w4a16": {"search_start": True},
+    "w4a4": {"intra_stages": 1},
 }
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "fixed": {"intra_stages": 1, "window_size": 2, "stride": 1},
