@@ -11,7 +11,12 @@ from test_layer import randomise_learnables, stack_logits, wrap
 
 from sliderquant import QuantConfig, quantize
 from sliderquant.cli import quantize as quantize_cli
-from sliderquant.config import DEFAULT_FAST_BY_PRESET, PRESETS, ConfigError
+from sliderquant.config import (
+    DEFAULT_FAST_BY_PRESET,
+    DEFAULT_FAST_GROUPED_BY_PRESET,
+    PRESETS,
+    ConfigError,
+)
 from sliderquant.engine import (
     BestEpoch,
     SignSGD,
@@ -59,6 +64,24 @@ def test_the_default_recipe_departs_from_the_paper_only_where_measured(preset):
     # the full-budget presets are measured nowhere yet: default and paper are the same
     full = QuantConfig.from_preset(preset).to_dict()
     assert full == {**QuantConfig.from_preset(preset, paper=True).to_dict(), "preset": preset}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_grouped_weights_add_their_measured_departures(preset):
+    paper = QuantConfig.from_preset(preset, fast=True, paper=True, group_size=64).to_dict()
+    default = QuantConfig.from_preset(preset, fast=True, group_size=64).to_dict()
+    changed = {k: v for k, v in default.items() if paper[k] != v and k != "preset"}
+    assert changed == {**DEFAULT_FAST_BY_PRESET.get(preset, {}),
+                       **DEFAULT_FAST_GROUPED_BY_PRESET.get(preset, {})}
+
+
+def test_a_grouped_scheme_counts_as_grouped_and_explicit_stages_win():
+    assert QuantConfig.from_preset(fast=True, scheme="W4A16").intra_stages == 1  # groups of 128
+    assert QuantConfig.from_preset("w4a16", fast=True).intra_stages == 2  # per channel
+    assert QuantConfig.from_preset("w4a16", fast=True, group_size=64,
+                                   intra_stages=2).intra_stages == 2
+    assert QuantConfig.from_preset("w4a16", fast=True, group_size=64,
+                                   paper=True).intra_stages == 2
 
 
 def test_the_default_recipe_leaves_the_baselines_and_explicit_flags_alone():
