@@ -54,25 +54,23 @@ def test_paper_presets_keep_every_new_mechanism_off(preset, fast):
     assert "round" not in lin.learnables
 
 
+@pytest.mark.parametrize("group_size", [None, 64])
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_the_default_recipe_departs_from_the_paper_only_where_measured(preset):
-    paper = QuantConfig.from_preset(preset, fast=True, paper=True).to_dict()
-    default = QuantConfig.from_preset(preset, fast=True).to_dict()
+def test_the_default_recipe_departs_from_the_paper_only_where_measured(preset, group_size):
+    paper = QuantConfig.from_preset(preset, fast=True, paper=True,
+                                    group_size=group_size).to_dict()
+    default = QuantConfig.from_preset(preset, fast=True, group_size=group_size).to_dict()
     changed = {k: v for k, v in default.items() if paper[k] != v and k != "preset"}
-    assert changed == DEFAULT_FAST_BY_PRESET.get(preset, {})
+    expected = dict(DEFAULT_FAST_BY_PRESET.get(preset, {}))
+    if group_size:
+        expected.update(DEFAULT_FAST_GROUPED_BY_PRESET.get(preset, {}))
+    assert changed == expected
     assert (paper["preset"], default["preset"]) == (f"{preset}-fast-paper", f"{preset}-fast")
     # the full-budget presets are measured nowhere yet: default and paper are the same
-    full = QuantConfig.from_preset(preset).to_dict()
-    assert full == {**QuantConfig.from_preset(preset, paper=True).to_dict(), "preset": preset}
-
-
-@pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_grouped_weights_add_their_measured_departures(preset):
-    paper = QuantConfig.from_preset(preset, fast=True, paper=True, group_size=64).to_dict()
-    default = QuantConfig.from_preset(preset, fast=True, group_size=64).to_dict()
-    changed = {k: v for k, v in default.items() if paper[k] != v and k != "preset"}
-    assert changed == {**DEFAULT_FAST_BY_PRESET.get(preset, {}),
-                       **DEFAULT_FAST_GROUPED_BY_PRESET.get(preset, {})}
+    full = QuantConfig.from_preset(preset, group_size=group_size).to_dict()
+    assert full == {**QuantConfig.from_preset(preset, paper=True,
+                                              group_size=group_size).to_dict(),
+                    "preset": preset}
 
 
 def test_a_grouped_scheme_counts_as_grouped_and_explicit_stages_win():
