@@ -75,10 +75,10 @@ MATCH_TOLERANCE = 0.15
 # Our default recipe at two budgets: --fast, and 8 epochs per window, about
 # auto-round's 50-iteration CPU time in every cell (--fast trains 2 epochs at 4 bits, 4 at
 # 2 bits; with 8 epochs W4A16 per channel took 2,765 CPU s and W4A4 2,863 against
-# auto-round's 2,268 and 2,398 at 50 iterations: 20 % more). The
+# auto-round's 2,268 and 2,398 at 50 iterations: 19-22 % more). The
 # paper's recipe: `--recipe paper-fast='--fast --paper ...'`. A `fast` record ran the default
 # recipe of the commit it names: the paper's before 2026-11-28 (and for W3A16 and W4A4 at
-# 04747e9), see config.DEFAULT_FAST_BY_PRESET for what it is now.
+# 04747e9), see config.DEFAULT_FAST_BY_PRESET (and _GROUPED_BY_PRESET) for what it is now.
 DEFAULT_RECIPES = {"fast": "--fast --calib wikitext2:valid --method sliderquant",
                    "epochs8": "--fast --calib wikitext2:valid --method sliderquant --epochs 8"}
 # auto-round's CPU-vs-iters line: ~100 s of set-up plus ~45 s per iteration on this machine
