@@ -322,6 +322,43 @@ def test_best_epoch_keeps_the_last_epoch_when_it_is_the_best():
     assert torch.equal(p.detach(), torch.full((2,), 3.0))
 
 
+def _engine_run(x0: torch.Tensor, **kw):
+    from sliderquant.engine import Engine
+
+    cfg = small(nsamples=x0.shape[0], epochs=3, intra_stages=1, **kw)
+    adapter, layers = wrap(tiny_model(layers=2), LayerQuantSpec.from_config(cfg))
+    engine = Engine(layers, adapter.rotary(x0[:1], x0.shape[1]), cfg, torch.device("cpu"),
+                    show_progress=False)
+    return engine.run(x0), layers
+
+
+X0 = torch.randn(6, 8, 64, generator=torch.Generator().manual_seed(0))
+
+
+def test_held_out_rows_stay_out_of_training_and_are_scored_each_epoch():
+    held, held_layers = _engine_run(X0, holdout=2)
+    first_four, four_layers = _engine_run(X0[:4])
+    all_six, _ = _engine_run(X0)
+    assert all(len(r.heldout_losses) == len(r.epoch_losses) == 3 for r in held)
+    assert all(r.heldout_losses == [] for r in first_four)
+    # training on rows 0-3 with 4-5 held out is training on rows 0-3 alone
+    for a, b in zip(held, first_four, strict=True):
+        assert a.epoch_losses == pytest.approx(b.epoch_losses, rel=1e-4)
+    for a, b in zip(held_layers, four_layers, strict=True):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.allclose(x, y, rtol=1e-4, atol=1e-6), name
+    assert held[0].epoch_losses != pytest.approx(all_six[0].epoch_losses, rel=1e-4)
+
+
+def test_best_epoch_with_holdout_is_judged_on_the_held_out_loss(monkeypatch):
+    offered = []
+    original = BestEpoch.offer
+    monkeypatch.setattr(BestEpoch, "offer",
+                        lambda self, loss: (offered.append(loss), original(self, loss)))
+    records, _ = _engine_run(X0, holdout=2, best_epoch=True)
+    assert offered == [loss for r in records for loss in r.heldout_losses]
+
+
 def test_masked_loss_drops_the_largest_squared_errors_only():
     pred = torch.zeros(1000)
     target = torch.full((1000,), 0.1)
@@ -350,6 +387,9 @@ def test_a_run_with_every_mechanism_trains_and_folds():
     ({"lwc": False, "search_start": True}, "turn lwc on"),
     ({"round_lr": -1.0}, "round_lr"),
     ({"round_update": "sgd"}, "round_update must be one of adam, sign"),
+    ({"method": "rtn", "holdout": 2}, "rtn trains nothing"),
+    ({"nsamples": 8, "batch_size": 2, "holdout": 7}, "lower --holdout"),
+    ({"holdout": -1}, "holdout=-1 must be >= 0"),
 ])
 def test_invalid_settings_say_what_to_do(values, fragment):
     with pytest.raises(ConfigError, match=fragment):
@@ -361,9 +401,10 @@ def test_cli_flags_reach_the_config():
     quantize_cli.add_arguments(parser)
     args = parser.parse_args(["m", "--out", "o", "--rounding", "--search-start", "--best-epoch",
                               "--loss-mask", "0.001", "--round-lr", "0.02",
-                              "--round-update", "sign"])
+                              "--round-update", "sign", "--holdout", "4"])
     assert (args.rounding, args.search_start, args.best_epoch) == (True, True, True)
     assert (args.loss_mask, args.round_lr, args.round_update) == (0.001, 0.02, "sign")
+    assert args.holdout == 4
 
 
 def test_hardening_on_another_device_comes_back_with_the_layer():

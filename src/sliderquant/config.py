@@ -60,6 +60,7 @@ class QuantConfig:
     rounding: bool = False  # learned rounding, one offset per weight, hardened across windows
     search_start: bool = False  # clipping starts at the activation-weighted searched value
     best_epoch: bool = False  # keep each window's learnables from its lowest-loss epoch
+    holdout: int = 0  # last calibration rows kept out of training, to judge each epoch on
     loss_mask: float = 0.0  # fraction of the largest squared errors left out of the loss
     # model preparation (W4A4): fused norms + random Hadamard on the residual stream
     rotate: bool = False
@@ -315,9 +316,15 @@ class QuantConfig:
         if self.wbits >= 16 and (self.rounding or self.search_start):
             raise ConfigError("rounding and search_start act on quantized weights; they need "
                               "wbits < 16")
-        if not self.trains and (self.rounding or self.best_epoch or self.loss_mask):
-            raise ConfigError("rounding, best_epoch and loss_mask act during training; method "
-                              "rtn trains nothing (search_start works with rtn)")
+        if not self.trains and (self.rounding or self.best_epoch or self.loss_mask
+                                or self.holdout):
+            raise ConfigError("rounding, best_epoch, loss_mask and holdout act during "
+                              "training; method rtn trains nothing (search_start works with "
+                              "rtn)")
+        if self.holdout < 0 or self.nsamples - self.holdout < self.batch_size:
+            raise ConfigError(f"holdout={self.holdout} must be >= 0 and leave at least "
+                              f"batch_size={self.batch_size} of the {self.nsamples} calibration "
+                              "rows for training; lower --holdout or raise --nsamples")
         if self.search_start and self.trains and not self.lwc:
             raise ConfigError("search_start sets where learnable clipping starts; turn lwc on "
                               "or drop search_start")

@@ -68,6 +68,8 @@ class WindowRecord:
     # rows at the window's last quantized fraction, so the two are measured the same way
     initial_loss: float | None = None
     final_loss: float | None = None
+    # with config.holdout: after each epoch, the loss on the held-out calibration rows
+    heldout_losses: list[float] = field(default_factory=list)
 
 
 def make_schedule(config: QuantConfig, num_layers: int) -> list[Window]:
@@ -130,8 +132,8 @@ class SignSGD(torch.optim.Optimizer):
 
 class BestEpoch:
     """Keeps a copy of `state` (learnable tensors, changed in place by training) from the
-    epoch with the lowest loss offered, and puts it back with `restore`. The loss of an epoch
-    is its running mean over the epoch's steps, so "best" is judged on that mean."""
+    epoch with the lowest loss offered, and puts it back with `restore`. The engine offers
+    the epoch's running training mean, or with `holdout` the held-out rows' loss after it."""
 
     def __init__(self, state: dict[str, torch.Tensor]):
         self.state = state
@@ -215,7 +217,7 @@ class Engine:
         if shard is None:
             shard = Shard(0, x0.shape[0], x0.shape[0])
         done = self._restore() if resume else -1
-        per_epoch = math.ceil(shard.total / self.config.batch_size)
+        per_epoch = math.ceil((shard.total - self.config.holdout) / self.config.batch_size)
         steps_per_unit = [len(u.train_rates) * self.config.epochs_per_stage * per_epoch
                           for u in self.units]
         bar = tqdm(total=sum(steps_per_unit), initial=sum(steps_per_unit[:done + 1]),
@@ -336,13 +338,18 @@ class Engine:
             try:
                 with self._placed(layers):
                     final_rate = unit.train_rates[-1]
-                    record.initial_loss = self._loss(layers, xq, target, shard, final_rate)
+                    first = torch.arange(min(LOSS_PASS_ROWS, shard.total))
+                    record.initial_loss = self._loss(layers, xq, target, shard, final_rate,
+                                                     first)
                     for k, rate in enumerate(unit.train_rates):
                         generator = torch.Generator().manual_seed(
                             self.config.seed * 1_000_003 + index * 17 + k)
-                        record.epoch_losses += self._optimise(layers, xq, target, shard, rate,
-                                                              generator, lr_factor, bar)
-                    record.final_loss = self._loss(layers, xq, target, shard, final_rate)
+                        losses, heldout = self._optimise(layers, xq, target, shard, rate,
+                                                         generator, lr_factor, bar)
+                        record.epoch_losses += losses
+                        record.heldout_losses += heldout
+                    record.final_loss = self._loss(layers, xq, target, shard, final_rate,
+                                                   first)
                 # replicas agree already (same reduced gradients); this makes it exact
                 self.comm.broadcast_(learnable_state(layers).values())
                 record.seconds = time.perf_counter() - began
@@ -367,13 +374,12 @@ class Engine:
                            f"retrying at {lr_factor:g}x the learning rate")
 
     @torch.no_grad()
-    def _loss(self, layers, xq, target, shard, rate) -> float:
-        """Mean squared error of the window's quantized output on the first LOSS_PASS_ROWS
-        calibration rows, in inference chunks (the mean an epoch's loss takes); each rank
-        sums the rows of those it holds."""
-        first = min(LOSS_PASS_ROWS, shard.total)
-        rows = shard.local(torch.arange(first))
-        xq, target = xq[rows], target[rows]
+    def _loss(self, layers, xq, target, shard, rate, rows: torch.Tensor) -> float:
+        """Mean squared error of the window's quantized output on the calibration rows
+        `rows` (global indices), in inference chunks (the mean an epoch's loss takes); each
+        rank sums the rows of those it holds."""
+        local = shard.local(rows)
+        xq, target = xq[local], target[local]
         total, size = 0.0, self.config.inference_batch_size
         with self._autocast():
             for lo in range(0, xq.shape[0], size):
@@ -382,32 +388,36 @@ class Engine:
                     h = layer(h, self.cos, self.sin, True, rate)
                 y = target[lo:lo + size].to(self.device)
                 total += F.mse_loss(h.float(), y.float(), reduction="sum").item()
-        return self.comm.sum(total) / (first * math.prod(target.shape[1:]))
+        return self.comm.sum(total) / (len(rows) * math.prod(target.shape[1:]))
 
     def _optimise(self, layers, xq, target, shard, rate, generator, lr_factor, bar
-                  ) -> list[float]:
-        """AdamW over the window's learnables. Batches are drawn from one permutation of all
-        `shard.total` windows; this rank runs the members it holds, its loss weighted by
-        their share of the batch, so the gradients summed over the ranks are those of the
-        batch's mean loss."""
+                  ) -> tuple[list[float], list[float]]:
+        """AdamW over the window's learnables; returns the epochs' mean training losses and,
+        with `holdout`, their losses on the held-out rows. Batches are drawn from one
+        permutation of the `shard.total - holdout` training windows; this rank runs the
+        members it holds, its loss weighted by their share of the batch, so the gradients
+        summed over the ranks are those of the batch's mean loss."""
         cfg = self.config
         lrs = cfg.learning_rates
         param_groups = {name: {"params": p, "lr": lrs[name] * lr_factor}
                         for name, p in optimiser_groups(layers).items() if p and lrs[name] > 0}
         params = [p for group in param_groups.values() for p in group["params"]]
-        n = shard.total
+        n = shard.total - cfg.holdout
+        if n < 1:
+            raise ValueError(f"holdout={cfg.holdout} leaves no training rows of {shard.total}")
+        heldout_rows = torch.arange(n, shard.total)
         epochs = cfg.epochs_per_stage
         total = epochs * math.ceil(n / cfg.batch_size)
         if not param_groups:
             bar.update(total)
-            return []
+            return [], []
         adam = [g for name, g in param_groups.items() if name not in cfg.signed_groups]
         signed = [g for name, g in param_groups.items() if name in cfg.signed_groups]
         optimizers = ([torch.optim.AdamW(adam, weight_decay=0.0)] if adam else []) + (
             [SignSGD(signed)] if signed else [])
         schedules = [torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: max(0.0, 1.0 - step / total)) for optimizer in optimizers]
-        losses = []
+        losses, heldout = [], []
         best = BestEpoch(learnable_state(layers)) if cfg.best_epoch else None
         for _ in range(epochs):
             order = torch.randperm(n, generator=generator)
@@ -438,11 +448,13 @@ class Engine:
                 bar.update(1)
             losses.append(epoch_loss / n)
             bar.set_postfix(loss=f"{losses[-1]:.3g}")
+            if cfg.holdout:
+                heldout.append(self._loss(layers, xq, target, shard, rate, heldout_rows))
             if best is not None:
-                best.offer(losses[-1])
+                best.offer(heldout[-1] if cfg.holdout else losses[-1])
         if best is not None:
             best.restore()
-        return losses
+        return losses, heldout
 
     def _save(self, index: int) -> None:
         if self.store is None:

@@ -71,6 +71,9 @@ _CONFIG_FLAGS: list[tuple[str, str, object, str]] = [
      "--round-update sign the size of each signed step)"),
     ("--round-update", "round_update", str, "adam (default) or sign: signed-gradient steps "
      "for the rounding offsets (SignRound's update)"),
+    ("--holdout", "holdout", int, "calibration rows kept out of training (the last ones): "
+     "their window loss is recorded per epoch and judges --best-epoch (default 0: the "
+     "training mean judges)"),
     ("--loss-mask", "loss_mask", finite_float, "fraction of the largest squared output errors "
      "left out of the window loss, e.g. 0.001 (default 0: plain MSE)"),
     ("--shallow", "shallow", positive_int, "layers covered by the growing windows (PESW), Ls"),
