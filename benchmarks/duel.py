@@ -172,6 +172,10 @@ def quantize_ours(args: argparse.Namespace) -> int:
               "config": result.report["config"],
               "final_window_losses": [w["epoch_losses"][-1] for w in result.report["windows"]
                                       if w["epoch_losses"]][-3:]}
+    if config.holdout:  # the per-epoch curves that show whether a window over-fits
+        record["window_losses"] = [
+            {k: w[k] for k in ("stage", "layers", "epoch_losses", "heldout_losses")}
+            for w in result.report["windows"]]
     (args.out / "duel.json").write_text(json.dumps(record, indent=1))
     return 0
 
