@@ -264,7 +264,37 @@ def cost_lines(records: list[dict]) -> dict[tuple[str, int], list[tuple[int, flo
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
+    return (f"{platform.machine()}, {cpu_model()}, {os.cpu_count()} CPU cores, "
+            f"Python {platform.python_version()}")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def reference_cpu_s() -> float:
+    """CPU seconds of a fixed one-thread fp32 workload (200 products of 512 x 512 matrices,
+    the least of three tries): the sessions' machines differ, so cpu_s compares across
+    sessions only divided by this."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tries = []
+    for _ in range(3):
+        a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
+        began = time.process_time()
+        for _ in range(200):
+            a = torch.tanh(a @ a)
+        tries.append(time.process_time() - began)
+    torch.set_num_threads(threads)
+    return round(min(tries), 2)
 
 
 def load_average() -> str:
@@ -301,6 +331,7 @@ def finish(record: dict, setting: Setting, seed: int, tool: str, variant: str,
     return {"setting": setting.name, "tool": tool, "seed": seed, "variant": variant,
             **record, "wikitext2": ppl.get("wikitext2"), "c4": ppl.get("c4"),
             "date": date.today().isoformat(), "machine": machine(), "threads": 1,
+            "reference_cpu_s": reference_cpu_s(),
             "load": {"before": load_before, "after": load_average()},
             "eval": " ".join(["sliderquant eval OUT", *EVAL])}
 
@@ -357,6 +388,14 @@ def run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- outputs
 
 
+def relative_cost(a: dict, b: dict) -> float:
+    """a's CPU time over b's; each divided by its machine's reference workload where both
+    records measured it (the sessions' machines differ in speed)."""
+    if a.get("reference_cpu_s") and b.get("reference_cpu_s"):
+        return (a["cpu_s"] / a["reference_cpu_s"]) / (b["cpu_s"] / b["reference_cpu_s"])
+    return a["cpu_s"] / b["cpu_s"]
+
+
 def matched_pairs(records: list[dict]) -> list[tuple[dict, dict]]:
     """(ours, auto-round) pairs of one cell whose CPU times are within MATCH_TOLERANCE."""
     pairs = []
@@ -365,9 +404,9 @@ def matched_pairs(records: list[dict]) -> list[tuple[dict, dict]]:
             continue
         theirs = [r for r in records if r["tool"] == "auto-round" and r.get("wikitext2")
                   and r["setting"] == o["setting"] and r["seed"] == o["seed"]
-                  and abs(r["cpu_s"] / o["cpu_s"] - 1) <= MATCH_TOLERANCE]
+                  and abs(relative_cost(r, o) - 1) <= MATCH_TOLERANCE]
         if theirs:
-            pairs.append((o, min(theirs, key=lambda r: abs(r["cpu_s"] - o["cpu_s"]))))
+            pairs.append((o, min(theirs, key=lambda r: abs(relative_cost(r, o) - 1))))
     return pairs
 
 

@@ -37,6 +37,11 @@ def test_cost_lines_and_matched_pairs():
     assert ours["variant"] == "fast" and theirs["variant"] == "iters 20" and theirs["seed"] == 2
     records[1]["cpu_s"] = 1200.0  # 20 % more: no longer equal compute
     assert duel.matched_pairs(records) == []
+    # ... unless its machine was 20 % slower at the reference workload
+    records[0]["reference_cpu_s"], records[1]["reference_cpu_s"] = 1.0, 1.2
+    assert len(duel.matched_pairs(records)) == 1
+    records[1]["reference_cpu_s"] = 0.6  # a machine twice as fast: twice the work
+    assert duel.matched_pairs(records) == []
 
 
 def test_record_in_list_replaces_the_same_key_and_keeps_the_rest(tmp_path):
