@@ -357,8 +357,14 @@ def planned(args: argparse.Namespace, done: dict[str, dict]) -> list[tuple]:
 def match_iters(setting: Setting, seed: int, label: str, done: dict[str, dict]) -> int | None:
     """auto-round iters predicted to cost what our `label` record cost, or None."""
     ours = done.get(key(setting.name, seed, "sliderquant", label))
-    points = cost_lines(list(done.values())).get((setting.name, seed), [])
-    if ours is None or ours.get("cpu_s") is None or len({i for i, _ in points}) < 2:
+    if ours is None or ours.get("cpu_s") is None:
+        return None
+    # auto-round's costs as if on our record's machine; other machines' left out
+    comparable = [{**r, "cpu_s": ours["cpu_s"] * relative_cost(r, ours)}
+                  for r in done.values() if r["tool"] == "auto-round"
+                  and r.get("cpu_s") is not None and relative_cost(r, ours) is not None]
+    points = cost_lines(comparable).get((setting.name, seed), [])
+    if len({i for i, _ in points}) < 2:
         return None
     return fit_iters(points, ours["cpu_s"])
 
@@ -388,12 +394,14 @@ def run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- outputs
 
 
-def relative_cost(a: dict, b: dict) -> float:
-    """a's CPU time over b's; each divided by its machine's reference workload where both
-    records measured it (the sessions' machines differ in speed)."""
-    if a.get("reference_cpu_s") and b.get("reference_cpu_s"):
-        return (a["cpu_s"] / a["reference_cpu_s"]) / (b["cpu_s"] / b["reference_cpu_s"])
-    return a["cpu_s"] / b["cpu_s"]
+def relative_cost(a: dict, b: dict) -> float | None:
+    """a's CPU time over b's, each divided by its machine's reference workload (the
+    sessions' machines differ in speed, up to 2.4x on 2026-11-28); records from before the
+    reference existed compare raw with each other, and not at all with newer ones."""
+    ra, rb = a.get("reference_cpu_s"), b.get("reference_cpu_s")
+    if ra and rb:
+        return (a["cpu_s"] / ra) / (b["cpu_s"] / rb)
+    return None if (ra or rb) else a["cpu_s"] / b["cpu_s"]
 
 
 def matched_pairs(records: list[dict]) -> list[tuple[dict, dict]]:
@@ -404,6 +412,7 @@ def matched_pairs(records: list[dict]) -> list[tuple[dict, dict]]:
             continue
         theirs = [r for r in records if r["tool"] == "auto-round" and r.get("wikitext2")
                   and r["setting"] == o["setting"] and r["seed"] == o["seed"]
+                  and relative_cost(r, o) is not None
                   and abs(relative_cost(r, o) - 1) <= MATCH_TOLERANCE]
         if theirs:
             pairs.append((o, min(theirs, key=lambda r: abs(relative_cost(r, o) - 1))))

@@ -42,6 +42,9 @@ def test_cost_lines_and_matched_pairs():
     assert len(duel.matched_pairs(records)) == 1
     records[1]["reference_cpu_s"] = 0.6  # a machine twice as fast: twice the work
     assert duel.matched_pairs(records) == []
+    del records[0]["reference_cpu_s"]  # machines of unknown speed: never equal compute
+    records[1]["cpu_s"] = 1000.0
+    assert duel.matched_pairs(records) == []
 
 
 def test_record_in_list_replaces_the_same_key_and_keeps_the_rest(tmp_path):
@@ -125,3 +128,20 @@ def test_accuracy_script_reads_its_options_after_the_name_and_the_flags_after_da
     assert (args.name, args.model, args.data_dir, args.tasks) == ("run1", "stories260k", "D",
                                                                   "wikitext2")
     assert args.flags == ["--preset", "w2a16", "--fast"]
+
+
+def test_match_iters_reads_costs_on_our_records_machine_only():
+    setting = next(s for s in duel.SETTINGS if s.name == "W4A16 g64")
+
+    def rec(tool, variant, cpu, **kw):
+        return {"setting": "W4A16 g64", "tool": tool, "seed": 2, "variant": variant,
+                "cpu_s": cpu, "wikitext2": 20.0, "c4": 30.0, **kw}
+
+    records = [rec("sliderquant", "fast", 1000.0, reference_cpu_s=1.0),
+               # a machine twice as fast: 300 s and 500 s there are 600 s and 1000 s here
+               rec("auto-round", "iters 10", 300.0, iters=10, reference_cpu_s=0.5),
+               rec("auto-round", "iters 20", 500.0, iters=20, reference_cpu_s=0.5),
+               # an older record of unknown machine, which alone would say 5 iters
+               rec("auto-round", "iters 5", 1000.0, iters=5)]
+    done = {duel.record_key(r): r for r in records}
+    assert duel.match_iters(setting, 2, "fast", done) == 20
