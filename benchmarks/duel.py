@@ -331,7 +331,7 @@ def finish(record: dict, setting: Setting, seed: int, tool: str, variant: str,
     return {"setting": setting.name, "tool": tool, "seed": seed, "variant": variant,
             **record, "wikitext2": ppl.get("wikitext2"), "c4": ppl.get("c4"),
             "date": date.today().isoformat(), "machine": machine(), "threads": 1,
-            "reference_cpu_s": reference_cpu_s(),
+            "reference_cpu_s": reference_cpu_s(), "boot_id": boot_id(),
             "load": {"before": load_before, "after": load_average()},
             "eval": " ".join(["sliderquant eval OUT", *EVAL])}
 
@@ -395,13 +395,28 @@ def run(args: argparse.Namespace) -> int:
 
 
 def relative_cost(a: dict, b: dict) -> float | None:
-    """a's CPU time over b's, each divided by its machine's reference workload (the
-    sessions' machines differ in speed, up to 2.4x on 2026-11-28); records from before the
-    reference existed compare raw with each other, and not at all with newer ones."""
+    """a's CPU time over b's. The sessions' machines differ in speed (auto-round's same run
+    cost 2.4x less on 2026-11-28 than the day before): records of one boot of one machine
+    compare as measured; of two machines, each divided by its reference workload (which
+    itself varies about 10 % beside a second job); records from before either was kept
+    compare raw with each other and not at all with newer ones."""
+    if a.get("boot_id") and a.get("boot_id") == b.get("boot_id"):
+        return a["cpu_s"] / b["cpu_s"]
     ra, rb = a.get("reference_cpu_s"), b.get("reference_cpu_s")
     if ra and rb:
         return (a["cpu_s"] / ra) / (b["cpu_s"] / rb)
-    return None if (ra or rb) else a["cpu_s"] / b["cpu_s"]
+    newer = ("boot_id", "reference_cpu_s")
+    if any(r.get(k) for r in (a, b) for k in newer):
+        return None
+    return a["cpu_s"] / b["cpu_s"]
+
+
+def boot_id() -> str | None:
+    """This boot of this machine (Linux), to tell records of one machine from another's."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
 
 
 def matched_pairs(records: list[dict]) -> list[tuple[dict, dict]]:

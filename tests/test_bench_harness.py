@@ -42,7 +42,10 @@ def test_cost_lines_and_matched_pairs():
     assert len(duel.matched_pairs(records)) == 1
     records[1]["reference_cpu_s"] = 0.6  # a machine twice as fast: twice the work
     assert duel.matched_pairs(records) == []
-    del records[0]["reference_cpu_s"]  # machines of unknown speed: never equal compute
+    records[0]["boot_id"] = records[1]["boot_id"] = "same"  # one machine: as measured
+    records[1]["cpu_s"] = 1100.0
+    assert len(duel.matched_pairs(records)) == 1
+    del records[0]["reference_cpu_s"], records[0]["boot_id"]  # unknown machine: never equal
     records[1]["cpu_s"] = 1000.0
     assert duel.matched_pairs(records) == []
 
