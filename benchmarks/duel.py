@@ -467,27 +467,35 @@ def write_markdown(records: list[dict]) -> Path:
               for r in failed]
     pairs = matched_pairs(records)
     lines += ["", f"**At equal CPU time** (auto-round within {MATCH_TOLERANCE:.0%} of our CPU "
-              "seconds, same seed):", ""]
+              "seconds, same seed; machine: whether both ran on one boot of one machine — "
+              "the sessions' machines differ up to 2.4x in speed, and records before "
+              "2026-11-28 16:27 UTC did not say which machine they ran on):", ""]
     if pairs:
         lines += ["| setting | seed | sliderquant recipe | CPU s (ours / auto-round) | "
-                  "WikiText-2 (ours / auto-round) | C4 (ours / auto-round) |",
-                  "|---|---|---|---|---|---|"]
+                  "WikiText-2 (ours / auto-round) | C4 (ours / auto-round) | machine |",
+                  "|---|---|---|---|---|---|---|"]
         for o, a in pairs:
+            same = ("one" if o.get("boot_id") and o.get("boot_id") == a.get("boot_id")
+                    else "not recorded")
             lines.append(f"| {o['setting']} | {o['seed']} | {variant_label(o)} | "
                          f"{o['cpu_s']:.0f} / {a['cpu_s']:.0f} ({a['variant']}) | "
                          f"{fmt_ppl(o['wikitext2'])} / {fmt_ppl(a['wikitext2'])} | "
-                         f"{fmt_ppl(o['c4'])} / {fmt_ppl(a['c4'])} |")
+                         f"{fmt_ppl(o['c4'])} / {fmt_ppl(a['c4'])} | {same} |")
     else:
         lines.append("No pair measured yet.")
     lines += ["", "**auto-round's CPU seconds against iters** (the line `--match` interpolates on; "
               "from 10 iters on it torch.compiles its block forward):", ""]
-    for (setting, seed), points in cost_lines(rows).items():
-        fit = ""
-        if len({i for i, _ in points}) >= 2:
-            a, b = fit_line(points)
-            fit = f" — fit: {a:.0f} s + {b:.1f} s x iters"
-        lines.append(f"- {setting}, seed {seed}: "
-                     + ", ".join(f"{i} iters {c:.0f} s" for i, c in points) + fit)
+    machines = sorted({r.get("boot_id") or "" for r in rows})
+    for boot in machines:  # one line per machine: costs on two machines do not fit one line
+        where = f"machine {boot[:8]}" if boot else "machines not recorded"
+        for (setting, seed), points in cost_lines(
+                [r for r in rows if (r.get("boot_id") or "") == boot]).items():
+            fit = ""
+            if len({i for i, _ in points}) >= 2:
+                a, b = fit_line(points)
+                fit = f" — fit: {a:.0f} s + {b:.1f} s x iters"
+            lines.append(f"- {setting}, seed {seed} ({where}): "
+                         + ", ".join(f"{i} iters {c:.0f} s" for i, c in points) + fit)
     missing = remaining(records)
     lines += ["", f"**Not measured yet** ({len(missing)} cells of the default plan: "
               "`duel.py run` with no --tool/--recipe/--iters, then `--match LABEL` per recipe):",
