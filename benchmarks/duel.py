@@ -400,7 +400,7 @@ def relative_cost(a: dict, b: dict) -> float | None:
     compare as measured; of two machines, each divided by its reference workload (which
     itself varies about 10 % beside a second job); records from before either was kept
     compare raw with each other and not at all with newer ones."""
-    if a.get("boot_id") and a.get("boot_id") == b.get("boot_id"):
+    if same_machine(a, b):
         return a["cpu_s"] / b["cpu_s"]
     ra, rb = a.get("reference_cpu_s"), b.get("reference_cpu_s")
     if ra and rb:
@@ -409,6 +409,11 @@ def relative_cost(a: dict, b: dict) -> float | None:
     if any(r.get(k) for r in (a, b) for k in newer):
         return None
     return a["cpu_s"] / b["cpu_s"]
+
+
+def same_machine(a: dict, b: dict) -> bool:
+    """Both records ran on one boot of one machine."""
+    return bool(a.get("boot_id")) and a.get("boot_id") == b.get("boot_id")
 
 
 def boot_id() -> str | None:
@@ -425,12 +430,13 @@ def matched_pairs(records: list[dict]) -> list[tuple[dict, dict]]:
     for o in records:
         if o["tool"] != "sliderquant" or o.get("wikitext2") is None:
             continue
-        theirs = [r for r in records if r["tool"] == "auto-round" and r.get("wikitext2")
-                  and r["setting"] == o["setting"] and r["seed"] == o["seed"]
-                  and relative_cost(r, o) is not None
-                  and abs(relative_cost(r, o) - 1) <= MATCH_TOLERANCE]
+        costs = [(relative_cost(r, o), r) for r in records if r["tool"] == "auto-round"
+                 and r.get("wikitext2") and r["setting"] == o["setting"]
+                 and r["seed"] == o["seed"]]
+        theirs = [(abs(c - 1), r) for c, r in costs
+                  if c is not None and abs(c - 1) <= MATCH_TOLERANCE]
         if theirs:
-            pairs.append((o, min(theirs, key=lambda r: abs(relative_cost(r, o) - 1))))
+            pairs.append((o, min(theirs, key=lambda t: t[0])[1]))
     return pairs
 
 
@@ -475,8 +481,7 @@ def write_markdown(records: list[dict]) -> Path:
                   "WikiText-2 (ours / auto-round) | C4 (ours / auto-round) | machine |",
                   "|---|---|---|---|---|---|---|"]
         for o, a in pairs:
-            same = ("one" if o.get("boot_id") and o.get("boot_id") == a.get("boot_id")
-                    else "not recorded")
+            same = "one" if same_machine(o, a) else "not recorded"
             lines.append(f"| {o['setting']} | {o['seed']} | {variant_label(o)} | "
                          f"{o['cpu_s']:.0f} / {a['cpu_s']:.0f} ({a['variant']}) | "
                          f"{fmt_ppl(o['wikitext2'])} / {fmt_ppl(a['wikitext2'])} | "
