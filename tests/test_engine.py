@@ -1,5 +1,6 @@
 """The window engine: training helps, resume is exact, failures are clear."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ from conftest import tiny_model
 from sliderquant import QuantConfig, quantize
 from sliderquant.api import RunFolderError, peak_rss_mb
 from sliderquant.checkpoint import CheckpointError
+from sliderquant.config import ABSENT
 from sliderquant.engine import NonFiniteLossError
 
 CALIB = torch.randint(0, 96, (8, 32), generator=torch.Generator().manual_seed(0))
@@ -125,6 +127,30 @@ def test_resume_refuses_a_mismatched_or_corrupt_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="nothing to resume"):
         quantize(tiny_model(), None, config(), calib=CALIB, output_dir=tmp_path / "new",
                  resume=True, show_progress=False)
+
+
+def test_fingerprints_of_this_version_stay_fixed():
+    # Checkpoints written today must resume in later versions: a new QuantConfig field needs
+    # `metadata={ABSENT: value}` (see QuantConfig.fingerprint), or these hashes change.
+    assert QuantConfig().fingerprint() == "9e89a0089fddbe59"
+    assert QuantConfig(wbits=2, group_size=64).fingerprint() == "f4c02fd01ab3a0df"
+
+
+@dataclasses.dataclass
+class _LaterConfig(QuantConfig):
+    """QuantConfig as a later version with one more setting would have it (annotations are
+    strings there: config.py postpones their evaluation)."""
+
+    new_knob: "float" = dataclasses.field(default=0.0, metadata={ABSENT: 0.0})
+
+
+def test_adding_a_setting_keeps_the_fingerprints_of_runs_that_never_use_it():
+    # resume compares config.fingerprint() (with the model's); equal here means a checkpoint
+    # written before the setting existed resumes after it is added
+    later = _LaterConfig(**dataclasses.asdict(config()))
+    assert later.fingerprint() == config().fingerprint()
+    used = _LaterConfig(**{**dataclasses.asdict(config()), "new_knob": 0.5})
+    assert used.fingerprint() != config().fingerprint()
 
 
 def _current_rss_mb() -> float:

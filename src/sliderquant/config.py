@@ -30,6 +30,11 @@ ALLOC_UNITS = ("layer", "projection", "channel")  # what one choice of bits cove
 ALLOC_SCORES = ("rtn", "fisher")  # measured loss change per unit, or its Fisher estimate
 
 
+# Field metadata key: the value at which a field added after resume fingerprints existed
+# leaves the fingerprint unchanged (QuantConfig.fingerprint).
+ABSENT = "fingerprint_absent"
+
+
 class ConfigError(ValueError):
     """A setting is invalid; the message says which and what to do."""
 
@@ -207,8 +212,15 @@ class QuantConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def fingerprint(self) -> str:
-        """Hash of every setting that changes the result (used to validate --resume)."""
-        keys = {k: v for k, v in self.to_dict().items() if k not in ("inference_batch_size",)}
+        """Hash of every setting that changes the result (used to validate --resume).
+
+        A field declared with `metadata={ABSENT: value}` is hashed only when it differs from
+        that value, the one that reproduces the behaviour from before the field existed: so
+        adding a setting does not orphan the checkpoints of runs that never used it. Every
+        field without the marker (all fields up to `holdout`) is always hashed."""
+        keys = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "inference_batch_size"
+                and not (ABSENT in f.metadata and getattr(self, f.name) == f.metadata[ABSENT])}
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
     # ---- derived values -----------------------------------------------------------------
