@@ -79,6 +79,8 @@ MATCH_TOLERANCE = 0.15
 # paper's recipe: `--recipe paper-fast='--fast --paper ...'`. A `fast` record ran the default
 # recipe of the commit it names: the paper's before 2026-11-28 (and for W3A16 and W4A4 at
 # 04747e9), see config.DEFAULT_FAST_BY_PRESET (and _GROUPED_BY_PRESET) for what it is now.
+# These name `--method sliderquant`; with no method named, W2A16 `--fast` now trains one layer
+# at a time (config.DEFAULT_FAST_METHOD_BY_PRESET), measured as the `blockround8` records.
 DEFAULT_RECIPES = {"fast": "--fast --calib wikitext2:valid --method sliderquant",
                    "epochs8": "--fast --calib wikitext2:valid --method sliderquant --epochs 8"}
 # auto-round's CPU-vs-iters line: ~100 s of set-up plus ~45 s per iteration on this machine

@@ -14,6 +14,8 @@ from sliderquant.cli import quantize as quantize_cli
 from sliderquant.config import (
     DEFAULT_FAST_BY_PRESET,
     DEFAULT_FAST_GROUPED_BY_PRESET,
+    DEFAULT_FAST_METHOD_BY_PRESET,
+    METHOD_DEFAULTS,
     PRESETS,
     ConfigError,
 )
@@ -61,9 +63,14 @@ def test_the_default_recipe_departs_from_the_paper_only_where_measured(preset, g
                                     group_size=group_size).to_dict()
     default = QuantConfig.from_preset(preset, fast=True, group_size=group_size).to_dict()
     changed = {k: v for k, v in default.items() if paper[k] != v and k != "preset"}
-    expected = dict(DEFAULT_FAST_BY_PRESET.get(preset, {}))
-    if group_size:
-        expected.update(DEFAULT_FAST_GROUPED_BY_PRESET.get(preset, {}))
+    if preset in DEFAULT_FAST_METHOD_BY_PRESET:
+        method, recipe = DEFAULT_FAST_METHOD_BY_PRESET[preset]
+        expected = {"method": method, **METHOD_DEFAULTS[method], **recipe}
+        expected = {k: v for k, v in expected.items() if paper[k] != v}
+    else:
+        expected = dict(DEFAULT_FAST_BY_PRESET.get(preset, {}))
+        if group_size:
+            expected.update(DEFAULT_FAST_GROUPED_BY_PRESET.get(preset, {}))
     assert changed == expected
     assert (paper["preset"], default["preset"]) == (f"{preset}-fast-paper", f"{preset}-fast")
     # the full-budget presets are measured nowhere yet: default and paper are the same
@@ -89,6 +96,23 @@ def test_the_default_recipe_leaves_the_baselines_and_explicit_flags_alone():
     assert not QuantConfig.from_preset("w4a16", fast=True, search_start=False).search_start
     assert QuantConfig.from_preset("w3a16", fast=True).search_start
     assert not QuantConfig.from_preset("w3a16", fast=True, paper=True).search_start
+
+
+def test_the_default_w2a16_fast_recipe_is_the_measured_one_layer_rounding_recipe():
+    # the duel's `blockround8` records (docs/RESULTS.md, sixth pass) measured exactly this
+    measured = dict(method="blockwise", rounding=True, round_update="sign", round_lr=3e-2,
+                    lora_rank=0, best_epoch=True, epochs=8)
+    for group_size in (None, 64):
+        assert QuantConfig.from_preset("w2a16", fast=True, group_size=group_size) == \
+            QuantConfig.from_preset("w2a16", fast=True, group_size=group_size, **measured)
+    assert QuantConfig.from_preset(fast=True, scheme="W2A16G64").method == "blockwise"
+    # naming SliderQuant, or asking for the paper, keeps SliderQuant's windows
+    named = QuantConfig.from_preset("w2a16", fast=True, method="sliderquant")
+    assert (named.method, named.intra_stages, named.rounding) == ("sliderquant", 1, False)
+    paper = QuantConfig.from_preset("w2a16", fast=True, paper=True)
+    assert (paper.method, paper.rounding, paper.lora_rank) == ("sliderquant", False, 4)
+    # the full budget is not measured: unchanged
+    assert QuantConfig.from_preset("w2a16").method == "sliderquant"
 
 
 def test_paper_flag_reaches_the_config():

@@ -124,9 +124,10 @@ class QuantConfig:
 
         The default recipe is the paper's plus the changes measured to give a better model
         at the same budget (`DEFAULT_FAST_BY_PRESET`, and `DEFAULT_FAST_GROUPED_BY_PRESET`
-        where weights are grouped; SliderQuant runs at `fast` only so far); `paper` keeps
-        the paper's recipe exactly (ALGORITHM.md), and the preset's name then ends in
-        `-paper`.
+        where weights are grouped; SliderQuant runs at `fast` only so far); with no
+        `method` named it may be another method (`DEFAULT_FAST_METHOD_BY_PRESET`: W2A16
+        `fast` trains one-layer windows with learned rounding). `paper` keeps the paper's
+        recipe exactly (ALGORITHM.md), and the preset's name then ends in `-paper`.
 
         Without a preset, a scheme takes the recipe for its bits (`recipe_for`); without
         either, the preset is w4a16 (per-channel asymmetric weights, as in the paper). A
@@ -152,14 +153,19 @@ class QuantConfig:
         if fast:
             values.update(FAST)
             values.update(FAST_BY_PRESET.get(name, {}))
-        method = overrides.get("method", "sliderquant")
-        if fast and not paper and method == "sliderquant":
-            values.update(DEFAULT_FAST_BY_PRESET.get(name, {}))
-            grouped = overrides.get("group_size") or (
-                fields["group_size"] if scheme is not None else values.get("group_size"))
-            if grouped:
-                values.update(DEFAULT_FAST_GROUPED_BY_PRESET.get(name, {}))
-        values.update(METHOD_DEFAULTS.get(method, {}))
+        method = overrides.get("method")
+        if fast and not paper and method is None and name in DEFAULT_FAST_METHOD_BY_PRESET:
+            method, recipe = DEFAULT_FAST_METHOD_BY_PRESET[name]
+            values.update({"method": method, **METHOD_DEFAULTS[method], **recipe})
+        else:
+            method = method or "sliderquant"
+            if fast and not paper and method == "sliderquant":
+                values.update(DEFAULT_FAST_BY_PRESET.get(name, {}))
+                grouped = overrides.get("group_size") or (
+                    fields["group_size"] if scheme is not None else values.get("group_size"))
+                if grouped:
+                    values.update(DEFAULT_FAST_GROUPED_BY_PRESET.get(name, {}))
+            values.update(METHOD_DEFAULTS.get(method, {}))
         if scheme is not None:  # the scheme's fields replace the recipe's bits
             for key in SCHEME_FIELDS:
                 values.pop(key, None)
@@ -419,6 +425,16 @@ DEFAULT_FAST_BY_PRESET: dict[str, dict[str, Any]] = {
 # mixed and at W3A16 g64 worse, so those keep two stages.
 DEFAULT_FAST_GROUPED_BY_PRESET: dict[str, dict[str, Any]] = {
     "w4a16": {"intra_stages": 1},
+}
+# Where another method measured better at the same budget, the default recipe (no method
+# named) is that method with its settings; `--method sliderquant` still gets the tables
+# above. W2A16: one-layer windows with signed learned rounding, no LoRA and the best epoch
+# kept gave about half the perplexity of SliderQuant's windows at 10 % less CPU time on both
+# seeds at g64 (docs/RESULTS.md, "The duel, sixth pass"); learned rounding in SliderQuant's
+# overlapping windows was worse than none.
+DEFAULT_FAST_METHOD_BY_PRESET: dict[str, tuple[str, dict[str, Any]]] = {
+    "w2a16": ("blockwise", {"rounding": True, "round_update": "sign", "round_lr": 3e-2,
+                            "lora_rank": 0, "best_epoch": True, "epochs": 8}),
 }
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "fixed": {"intra_stages": 1, "window_size": 2, "stride": 1},
